@@ -1,0 +1,39 @@
+# The README's two commands. Each creates .venv when it is missing and installs what it needs.
+#   make demo   build every registered layer and print a table of shapes and timings
+#   make test   run the whole test suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip install --disable-pip-version-check -c constraints.txt
+TORCH  := torch==2.13.0+cpu
+
+.PHONY: demo test bench install clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check --upgrade pip
+
+# torch first and alone: the local CPU wheel, never a CUDA build from the index.
+$(VENV)/.torch: | $(PY)
+	$(PIP) "$(TORCH)"
+	@touch $@
+
+$(VENV)/.installed: pyproject.toml constraints.txt $(VENV)/.torch
+	$(PIP) -e ".[dev]"
+	@touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/headmods demo
+
+# pytest exit code 5 ("no tests ran") counts as a failure.
+test: install
+	@HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS); \
+	rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+
+bench: install
+	$(PY) benchmarks/bench_mha.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,31 @@
+"""headmods: head-structured attention layers for PyTorch.
+
+Every layer is a drop-in for ``nn.MultiheadAttention`` (see :class:`HeadAttention`);
+``create(name, embed_dim, num_heads, **cfg)`` builds one by name.
+"""
+
+from .cache import KVCache
+from .layers import (
+    AttentionConfig,
+    HeadAttention,
+    MultiHeadAttention,
+    Projections,
+    collect_aux_losses,
+)
+from .registry import create, get_variant, list_variants, register_variant
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "AttentionConfig",
+    "HeadAttention",
+    "KVCache",
+    "MultiHeadAttention",
+    "Projections",
+    "collect_aux_losses",
+    "create",
+    "get_variant",
+    "list_variants",
+    "register_variant",
+    "__version__",
+]

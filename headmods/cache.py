@@ -1,0 +1,95 @@
+"""A key/value cache for incremental decoding with headmods layers used natively.
+
+One :class:`KVCache` per attention layer holds the keys and values of past tokens,
+``(B, h_kv, T, d)``, after RoPE (so a cached key never needs rotating again). With
+``max_len`` it allocates that length once and refuses to go past it; without, it grows by
+doubling, so appending ``n`` tokens one at a time copies O(n) elements in total, not O(n^2).
+
+Hugging Face ``Cache`` objects are adapted in ``headmods.integrations``; any object with
+``seq_len`` and ``update(k, v) -> (k_all, v_all)`` can stand in for this class.
+
+Example:
+    >>> import headmods
+    >>> attn = headmods.MultiHeadAttention(64, 4, batch_first=True).eval()
+    >>> cache = KVCache()
+    >>> x = torch.randn(2, 5, 64)
+    >>> out, _ = attn(x[:, :4], is_causal=True, cache=cache)   # prefill
+    >>> step, _ = attn(x[:, 4:], is_causal=True, cache=cache)  # one new token
+    >>> cache.seq_len
+    5
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["KVCache"]
+
+
+class KVCache(nn.Module):
+    """Keys and values of past tokens for one attention layer.
+
+    Args:
+        max_len: capacity in tokens; allocated on the first ``update``. None grows on demand.
+    """
+
+    def __init__(self, max_len: int | None = None) -> None:
+        super().__init__()
+        if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int) or max_len <= 0):
+            raise ValueError(f"max_len must be a positive int or None, got {max_len!r}")
+        self.max_len = max_len
+        self.seq_len = 0
+        self.register_buffer("k", None, persistent=False)  # (B, h_kv, capacity, d)
+        self.register_buffer("v", None, persistent=False)  # (B, h_kv, capacity, dv)
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.k is None else self.k.size(2)
+
+    def reset(self) -> None:
+        """Forget every token; keeps the allocated memory."""
+        self.seq_len = 0
+
+    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Append ``k (B, h_kv, T, d)`` and ``v (B, h_kv, T, dv)``; return all keys and values so far."""
+        self._check(k, v)
+        if self.seq_len == 0 and self.k is not None and self._layout(self.k, self.v) != self._layout(k, v):
+            self.k = self.v = None  # a new sequence of another shape: reallocate
+        end = self.seq_len + k.size(2)
+        if end > self.capacity:
+            self._grow(end, k, v)
+        self.k[:, :, self.seq_len:end] = k
+        self.v[:, :, self.seq_len:end] = v
+        self.seq_len = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def _check(self, k: Tensor, v: Tensor) -> None:
+        if k.dim() != 4 or v.dim() != 4:
+            raise ValueError(f"k and v must have shape (batch, kv_heads, seq, head_dim), "
+                             f"got {tuple(k.shape)} and {tuple(v.shape)}")
+        if k.shape[:3] != v.shape[:3]:
+            raise ValueError(f"k and v disagree in (batch, kv_heads, seq): {tuple(k.shape[:3])} vs {tuple(v.shape[:3])}")
+        if self.seq_len > 0 and self._layout(self.k, self.v) != self._layout(k, v):
+            raise ValueError(f"this cache holds (batch, kv_heads, head_dim, v_dim, dtype, device) = "
+                             f"{self._layout(self.k, self.v)}, got {self._layout(k, v)}; "
+                             "call reset() to start a new sequence")
+
+    @staticmethod
+    def _layout(k: Tensor, v: Tensor) -> tuple:
+        return (k.size(0), k.size(1), k.size(3), v.size(3), k.dtype, k.device)
+
+    def _grow(self, needed: int, k: Tensor, v: Tensor) -> None:
+        if self.max_len is not None:
+            if needed > self.max_len:
+                raise ValueError(f"KVCache(max_len={self.max_len}) cannot hold {needed} tokens")
+            capacity = self.max_len
+        else:
+            capacity = max(needed, 2 * self.capacity, 16)
+        B, h_kv = k.size(0), k.size(1)
+        new_k = k.new_empty(B, h_kv, capacity, k.size(3))
+        new_v = v.new_empty(B, h_kv, capacity, v.size(3))
+        if self.seq_len:
+            new_k[:, :, :self.seq_len] = self.k[:, :, :self.seq_len]
+            new_v[:, :, :self.seq_len] = self.v[:, :, :self.seq_len]
+        self.k, self.v = new_k, new_v

@@ -1,0 +1,170 @@
+"""Multi-head attention with grouped keys/values (MHA, GQA, MQA), optional RoPE and KV cache.
+
+This is the reference every head-structured variant reduces to: with ``from_mha`` it computes
+exactly what ``nn.MultiheadAttention`` computes, and the variants' function-preserving starts
+are tested against it.
+
+- GQA/MQA: ``num_kv_heads`` key/value heads serve ``num_heads`` query heads; they are never
+  expanded in memory (:func:`headmods.functional.attend`). A ``kv_map`` allows any
+  query-head -> kv-head assignment, which is what non-uniform GQA pruning leaves behind.
+- Projections are four ``nn.Linear`` (``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``): the
+  layout of Hugging Face LLaMA, so conversion and export are renames, and pruning slices rows.
+- ``prune_heads(keep)`` removes query heads physically, and with them kv heads no query head
+  reads any more.
+
+Shapes: B batch, T length, D embed_dim, h heads, h_kv kv heads, d head_dim.
+
+Example:
+    >>> attn = MultiHeadAttention(768, 12, num_kv_heads=4, batch_first=True, rope_theta=10000.0)
+    >>> x = torch.randn(2, 16, 768)
+    >>> out, _ = attn(x, is_causal=True)
+    >>> out.shape
+    torch.Size([2, 16, 768])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..functional.attend import attend
+from ..functional.masks import AttentionMask
+from ..functional.rope import apply_rope
+from ..registry import register_variant
+from .base import CacheLike, HeadAttention, Projections
+
+__all__ = ["MultiHeadAttention"]
+
+
+def project(x: Tensor, linear: nn.Linear) -> Tensor:
+    """``linear(x)`` for ``(B, T, D)`` x that may be a seq-first tensor seen batch-first.
+
+    Applying the projection in the storage layout and transposing the result back avoids the
+    copy ``F.linear`` would make of a transposed input.
+    """
+    if not x.is_contiguous() and x.transpose(0, 1).is_contiguous():
+        return linear(x.transpose(0, 1)).transpose(0, 1)
+    return linear(x)
+
+
+@register_variant("mha")
+class MultiHeadAttention(HeadAttention):
+    """MHA / GQA / MQA on the headmods layer contract (see :class:`HeadAttention` for arguments)."""
+
+    def __init__(self, embed_dim: int, num_heads: int, *, device=None, dtype=None, **config) -> None:
+        super().__init__(embed_dim, num_heads, device=device, dtype=dtype, **config)
+        c, dd = self.config, {"device": device, "dtype": dtype}
+        self.q_proj = nn.Linear(c.embed_dim, c.num_heads * c.head_dim, bias=c.bias, **dd)
+        self.k_proj = nn.Linear(c.kdim, c.num_kv_heads * c.head_dim, bias=c.bias, **dd)
+        self.v_proj = nn.Linear(c.vdim, c.num_kv_heads * c.head_dim, bias=c.bias, **dd)
+        self.out_proj = nn.Linear(c.num_heads * c.head_dim, c.embed_dim, bias=c.bias, **dd)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Xavier-uniform weights and zero biases, as ``nn.MultiheadAttention`` initializes them."""
+        for linear in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
+            nn.init.xavier_uniform_(linear.weight)
+            if linear.bias is not None:
+                nn.init.zeros_(linear.bias)
+
+    def core(self, query: Tensor, key: Tensor, value: Tensor, mask: AttentionMask, *,
+             rope: tuple[Tensor, Tensor] | None = None, cache: CacheLike | None = None,
+             need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+        c = self.config
+        B, Tq, Tk = query.size(0), query.size(1), key.size(1)
+        q = project(query, self.q_proj).view(B, Tq, c.num_heads, c.head_dim).transpose(1, 2)  # (B, h, Tq, d)
+        k = project(key, self.k_proj).view(B, Tk, c.num_kv_heads, c.head_dim).transpose(1, 2)  # (B, h_kv, Tk, d)
+        v = project(value, self.v_proj).view(B, Tk, c.num_kv_heads, c.head_dim).transpose(1, 2)  # (B, h_kv, Tk, d)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(k, v)  # (B, h_kv, past + Tk, d)
+        out, weights = attend(q, k, v, mask, kv_map=c.kv_map, scale=c.scale, impl=c.impl,
+                              dropout_p=c.dropout if self.training else 0.0, need_weights=need_weights)
+        out = out.transpose(1, 2).reshape(B, Tq, c.num_heads * c.head_dim)  # (B, Tq, h*d)
+        return self.out_proj(out), weights
+
+    # -- weights in, heads out -----------------------------------------------------------------
+    def load_projections(self, weights: Projections) -> None:
+        """Copy projection weights (``nn.Linear`` layout); shapes must match this layer's heads."""
+        pairs = ((self.q_proj, weights.q_weight, weights.q_bias), (self.k_proj, weights.k_weight, weights.k_bias),
+                 (self.v_proj, weights.v_weight, weights.v_bias), (self.out_proj, weights.out_weight, weights.out_bias))
+        for linear, weight, bias in pairs:  # check all before copying any: nothing half-loaded
+            if tuple(weight.shape) != tuple(linear.weight.shape):
+                raise ValueError(f"projection weight of shape {tuple(weight.shape)} does not fit {linear} "
+                                 f"(expects {tuple(linear.weight.shape)}; num_heads={self.num_heads}, "
+                                 f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim})")
+            if (bias is None) != (linear.bias is None):
+                raise ValueError(f"bias presence differs: weights have {'no ' if bias is None else ''}bias, "
+                                 f"the layer has bias={linear.bias is not None}")
+        with torch.no_grad():
+            for linear, weight, bias in pairs:
+                linear.weight.copy_(weight)
+                if bias is not None:
+                    linear.bias.copy_(bias)
+
+    def prune_heads(self, keep: Sequence[int]) -> "MultiHeadAttention":
+        """Keep only query heads ``keep`` (indices into the current heads); returns ``self``.
+
+        Kv heads that no kept query head reads are removed too. When the kept heads leave
+        unequal groups, the layer records the query-head -> kv-head map in ``config.kv_map``.
+        Parameters are replaced by smaller ones: rebuild any optimizer afterwards.
+
+        Example:
+            >>> attn = MultiHeadAttention(64, 8, num_kv_heads=4).prune_heads([0, 1, 4])
+            >>> attn.num_heads, attn.num_kv_heads, attn.config.kv_map
+            (3, 2, (0, 0, 1))
+        """
+        c = self.config
+        keep = _check_keep(keep, c.num_heads)
+        to_kv = c.query_to_kv()
+        kept_kv = sorted({to_kv[i] for i in keep})
+        new_map = tuple(kept_kv.index(to_kv[i]) for i in keep)
+        d = c.head_dim
+        q_rows = _head_rows(keep, d, self.q_proj.weight.device)
+        kv_rows = _head_rows(kept_kv, d, self.k_proj.weight.device)
+        self.q_proj = _slice_linear(self.q_proj, rows=q_rows)
+        self.k_proj = _slice_linear(self.k_proj, rows=kv_rows)
+        self.v_proj = _slice_linear(self.v_proj, rows=kv_rows)
+        self.out_proj = _slice_linear(self.out_proj, cols=q_rows)
+        self._config = c.replace(num_heads=len(keep), num_kv_heads=len(kept_kv), head_dim=d, kv_map=new_map)
+        return self
+
+
+def _check_keep(keep: Sequence[int], num_heads: int) -> list[int]:
+    if isinstance(keep, Tensor):
+        keep = keep.tolist()
+    keep = list(keep)
+    if not keep:
+        raise ValueError("prune_heads needs at least one head to keep, got none")
+    if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < num_heads for i in keep):
+        raise ValueError(f"heads to keep must be ints in [0, {num_heads}), got {keep}")
+    if len(set(keep)) != len(keep):
+        raise ValueError(f"heads to keep must be distinct, got {keep}")
+    return sorted(keep)
+
+
+def _head_rows(heads: Sequence[int], head_dim: int, device: torch.device) -> Tensor:
+    """Row indices of ``heads`` in a ``(heads * head_dim, ...)`` projection."""
+    return (torch.tensor(heads, device=device)[:, None] * head_dim + torch.arange(head_dim, device=device)).flatten()
+
+
+def _slice_linear(linear: nn.Linear, *, rows: Tensor | None = None, cols: Tensor | None = None) -> nn.Linear:
+    """A new ``nn.Linear`` holding the selected output rows / input columns of ``linear``."""
+    weight, bias = linear.weight.detach(), None if linear.bias is None else linear.bias.detach()
+    if rows is not None:
+        weight = weight.index_select(0, rows)
+        bias = None if bias is None else bias.index_select(0, rows)
+    if cols is not None:
+        weight = weight.index_select(1, cols)
+    new = nn.Linear(weight.size(1), weight.size(0), bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if bias is not None:
+            new.bias.copy_(bias)
+    new.weight.requires_grad_(linear.weight.requires_grad)
+    if bias is not None:
+        new.bias.requires_grad_(linear.bias.requires_grad)
+    return new
