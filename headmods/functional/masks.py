@@ -47,13 +47,6 @@ class AttentionMask:
     bias: Tensor | None = None
     causal: bool = False
 
-    @property
-    def is_empty(self) -> bool:
-        return self.bias is None and not self.causal
-
-    def with_causal(self, causal: bool = True) -> "AttentionMask":
-        return AttentionMask(self.bias, self.causal or causal)
-
     def materialize(self, q_len: int, k_len: int, *, dtype: torch.dtype, device: torch.device) -> Tensor | None:
         """The whole mask as one additive tensor (causal folded in), or None when nothing is masked."""
         bias = None if self.bias is None else self.bias.to(dtype)
