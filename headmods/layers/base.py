@@ -44,11 +44,11 @@ class Projections(NamedTuple):
     q_weight: Tensor
     k_weight: Tensor
     v_weight: Tensor
-    out_weight: Tensor
+    o_weight: Tensor
     q_bias: Tensor | None = None
     k_bias: Tensor | None = None
     v_bias: Tensor | None = None
-    out_bias: Tensor | None = None
+    o_bias: Tensor | None = None
 
 
 def mha_projections(module: nn.MultiheadAttention) -> Projections:
@@ -138,6 +138,20 @@ class HeadAttention(nn.Module):
         return cls(settings.pop("embed_dim"), settings.pop("num_heads"), device=device, dtype=dtype, **settings)
 
     @classmethod
+    def from_projections(cls, weights: Projections, embed_dim: int, num_heads: int, **config: Any) -> "HeadAttention":
+        """Build this variant around existing q, k, v, o projection weights (``nn.Linear`` layout).
+
+        ``config`` gives the layer settings (``num_kv_heads``, ``head_dim``, ``bias``, method
+        settings, ...); the layer is created on the weights' device and dtype, its projections
+        copied, and its method parameters initialized to the variant's documented start.
+        """
+        ref = weights.o_weight
+        layer = cls(embed_dim, num_heads, device=ref.device, dtype=ref.dtype, **config)
+        with torch.no_grad():
+            layer.load_projections(weights)
+        return layer
+
+    @classmethod
     def from_mha(cls, module: nn.MultiheadAttention, **config: Any) -> "HeadAttention":
         """Build this variant from an ``nn.MultiheadAttention``'s weights (``config`` adds method settings).
 
@@ -152,11 +166,7 @@ class HeadAttention(nn.Module):
         settings = dict(dropout=module.dropout, bias=module.in_proj_bias is not None, kdim=module.kdim,
                         vdim=module.vdim, batch_first=module.batch_first)
         settings.update(config)
-        ref = module.out_proj.weight
-        layer = cls(module.embed_dim, module.num_heads, device=ref.device, dtype=ref.dtype, **settings)
-        with torch.no_grad():
-            layer.load_projections(mha_projections(module))
-        return layer
+        return cls.from_projections(mha_projections(module), module.embed_dim, module.num_heads, **settings)
 
     def load_projections(self, weights: Projections) -> None:
         """Copy q, k, v and output projection weights into this layer."""

@@ -41,6 +41,8 @@ class AttentionConfig:
         impl: kernel: ``"auto"`` (SDPA; eager when weights are requested), ``"sdpa"``, ``"eager"``, ``"flex"``.
         rope_theta: base of rotary embeddings on q and k (HF rotate-half layout); None = no RoPE.
         scale: score scale; ``1 / sqrt(head_dim)`` by default.
+        kept_heads: after pruning, the original index of each remaining query head (recorded
+            in checkpoints); None when no head was removed.
     """
 
     embed_dim: int
@@ -56,6 +58,7 @@ class AttentionConfig:
     impl: str = "auto"
     rope_theta: float | None = None
     scale: float | None = None
+    kept_heads: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         _check_int("embed_dim", self.embed_dim)
@@ -89,6 +92,11 @@ class AttentionConfig:
                 raise ValueError(f"rope_theta must be positive or None, got {self.rope_theta!r}")
             if self.head_dim % 2:
                 raise ValueError(f"rotary embeddings need an even head_dim, got {self.head_dim}")
+        if self.kept_heads is not None:
+            self._set("kept_heads", tuple(int(i) for i in self.kept_heads))
+            k = self.kept_heads
+            if len(k) != self.num_heads or len(set(k)) != len(k) or min(k) < 0 or list(k) != sorted(k):
+                raise ValueError(f"kept_heads must list {self.num_heads} distinct ascending head indices, got {k}")
         if self.scale is not None and not self.scale > 0:
             raise ValueError(f"scale must be positive or None, got {self.scale!r}")
 
@@ -108,10 +116,7 @@ class AttentionConfig:
 
     # -- serialization -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        if out.get("kv_map") is not None:
-            out["kv_map"] = list(out["kv_map"])
-        return out
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)

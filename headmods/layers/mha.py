@@ -7,7 +7,7 @@ are tested against it.
 - GQA/MQA: ``num_kv_heads`` key/value heads serve ``num_heads`` query heads; they are never
   expanded in memory (:func:`headmods.functional.attend`). A ``kv_map`` allows any
   query-head -> kv-head assignment, which is what non-uniform GQA pruning leaves behind.
-- Projections are four ``nn.Linear`` (``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``): the
+- Projections are four ``nn.Linear`` (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``): the
   layout of Hugging Face LLaMA, so conversion and export are renames, and pruning slices rows.
 - ``prune_heads(keep)`` removes query heads physically, and with them kv heads no query head
   reads any more.
@@ -59,12 +59,17 @@ class MultiHeadAttention(HeadAttention):
         self.q_proj = nn.Linear(c.embed_dim, c.num_heads * c.head_dim, bias=c.bias, **dd)
         self.k_proj = nn.Linear(c.kdim, c.num_kv_heads * c.head_dim, bias=c.bias, **dd)
         self.v_proj = nn.Linear(c.vdim, c.num_kv_heads * c.head_dim, bias=c.bias, **dd)
-        self.out_proj = nn.Linear(c.num_heads * c.head_dim, c.embed_dim, bias=c.bias, **dd)
+        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.embed_dim, bias=c.bias, **dd)
         self.reset_parameters()
+
+    @property
+    def out_proj(self) -> nn.Linear:
+        """``nn.MultiheadAttention``'s name for the output projection (the module is ``o_proj``)."""
+        return self.o_proj
 
     def reset_parameters(self) -> None:
         """Xavier-uniform weights and zero biases, as ``nn.MultiheadAttention`` initializes them."""
-        for linear in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
+        for linear in (self.q_proj, self.k_proj, self.v_proj, self.o_proj):
             nn.init.xavier_uniform_(linear.weight)
             if linear.bias is not None:
                 nn.init.zeros_(linear.bias)
@@ -84,13 +89,13 @@ class MultiHeadAttention(HeadAttention):
         out, weights = attend(q, k, v, mask, kv_map=c.kv_map, scale=c.scale, impl=c.impl,
                               dropout_p=c.dropout if self.training else 0.0, need_weights=need_weights)
         out = out.transpose(1, 2).reshape(B, Tq, c.num_heads * c.head_dim)  # (B, Tq, h*d)
-        return self.out_proj(out), weights
+        return self.o_proj(out), weights
 
     # -- weights in, heads out -----------------------------------------------------------------
     def load_projections(self, weights: Projections) -> None:
         """Copy projection weights (``nn.Linear`` layout); shapes must match this layer's heads."""
         pairs = ((self.q_proj, weights.q_weight, weights.q_bias), (self.k_proj, weights.k_weight, weights.k_bias),
-                 (self.v_proj, weights.v_weight, weights.v_bias), (self.out_proj, weights.out_weight, weights.out_bias))
+                 (self.v_proj, weights.v_weight, weights.v_bias), (self.o_proj, weights.o_weight, weights.o_bias))
         for linear, weight, bias in pairs:  # check all before copying any: nothing half-loaded
             if tuple(weight.shape) != tuple(linear.weight.shape):
                 raise ValueError(f"projection weight of shape {tuple(weight.shape)} does not fit {linear} "
@@ -128,8 +133,10 @@ class MultiHeadAttention(HeadAttention):
         self.q_proj = _slice_linear(self.q_proj, rows=q_rows)
         self.k_proj = _slice_linear(self.k_proj, rows=kv_rows)
         self.v_proj = _slice_linear(self.v_proj, rows=kv_rows)
-        self.out_proj = _slice_linear(self.out_proj, cols=q_rows)
-        self._config = c.replace(num_heads=len(keep), num_kv_heads=len(kept_kv), head_dim=d, kv_map=new_map)
+        self.o_proj = _slice_linear(self.o_proj, cols=q_rows)
+        original = c.kept_heads or tuple(range(c.num_heads))
+        self._config = c.replace(num_heads=len(keep), num_kv_heads=len(kept_kv), head_dim=d, kv_map=new_map,
+                                 kept_heads=tuple(original[i] for i in keep))
         return self
 
 

@@ -103,7 +103,7 @@ def test_gradients_equal_nn_multihead_attention():
     torch.testing.assert_close(ours.q_proj.weight.grad, q_g, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(ours.k_proj.weight.grad, k_g, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(ours.v_proj.weight.grad, v_g, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(ours.out_proj.weight.grad, mha.out_proj.weight.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ours.o_proj.weight.grad, mha.out_proj.weight.grad, atol=1e-4, rtol=1e-4)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in ours.parameters())
 
 
@@ -122,7 +122,7 @@ def _naive_layer(layer, x, *, causal=False, positions=None, theta=None):
     groups = list(c.kv_map) if c.kv_map else contiguous_groups(c.num_heads, c.num_kv_heads)
     heads, _ = naive_attention(q, k, v, groups, blocked=blocked)
     merged = heads.transpose(1, 2).reshape(Bx, T, -1)
-    return merged @ layer.out_proj.weight.double().T + layer.out_proj.bias.double()
+    return merged @ layer.o_proj.weight.double().T + layer.o_proj.bias.double()
 
 
 @pytest.mark.parametrize("num_kv_heads", [4, 2, 1])
@@ -140,7 +140,7 @@ def test_gqa_equals_mha_with_repeated_kv_weights():
     rows = torch.cat([torch.arange(d) + (i // 2) * d for i in range(H)])  # kv head of each query head
     with torch.no_grad():
         mha.q_proj.load_state_dict(gqa.q_proj.state_dict())
-        mha.out_proj.load_state_dict(gqa.out_proj.state_dict())
+        mha.o_proj.load_state_dict(gqa.o_proj.state_dict())
         for src, dst in ((gqa.k_proj, mha.k_proj), (gqa.v_proj, mha.v_proj)):
             dst.weight.copy_(src.weight[rows])
             dst.bias.copy_(src.bias[rows])
@@ -210,7 +210,7 @@ def test_pruned_layer_equals_zeroed_heads(num_kv_heads, keep):
     zeroed.load_state_dict(layer.state_dict())
     with torch.no_grad():
         for i in set(range(H)) - set(keep):
-            zeroed.out_proj.weight[:, i * d:(i + 1) * d] = 0.0
+            zeroed.o_proj.weight[:, i * d:(i + 1) * d] = 0.0
         expected, _ = zeroed(x, is_causal=True)
         layer.prune_heads(keep)
         out, _ = layer(x, is_causal=True)
@@ -219,7 +219,7 @@ def test_pruned_layer_equals_zeroed_heads(num_kv_heads, keep):
     assert (layer.num_heads, layer.num_kv_heads, layer.head_dim) == (len(keep), kept_kv, d)
     assert layer.q_proj.weight.shape == (len(keep) * d, E)
     assert layer.k_proj.weight.shape == (kept_kv * d, E)
-    assert layer.out_proj.weight.shape == (E, len(keep) * d)
+    assert layer.o_proj.weight.shape == (E, len(keep) * d)
     expected_params = E * (len(keep) + 2 * kept_kv) * d + (len(keep) + 2 * kept_kv) * d + E * len(keep) * d + E
     assert sum(p.numel() for p in layer.parameters()) == expected_params
 
@@ -228,6 +228,11 @@ def test_pruning_to_unequal_groups_records_kv_map_and_survives_round_trip():
     layer = MultiHeadAttention(E, H, num_kv_heads=2, batch_first=True).eval()
     layer.prune_heads([0, 1, 2])  # kv head 0 keeps two query heads, kv head 1 keeps one
     assert layer.config.kv_map == (0, 0, 1)
+    layer.prune_heads([0, 2])  # indices into the current heads; kept_heads maps back to the original
+    assert layer.config.kept_heads == (0, 2) and layer.config.kv_map is None and layer.num_kv_heads == 2
+    layer.prune_heads([1])
+    assert layer.config.kept_heads == (2,)
+    layer = MultiHeadAttention(E, H, num_kv_heads=2, batch_first=True).eval().prune_heads([0, 1, 2])
     rebuilt = MultiHeadAttention.from_config(MultiHeadAttention.config_class.from_json(layer.config.to_json()))
     rebuilt.load_state_dict(layer.state_dict())
     x = torch.randn(B, L, E)
