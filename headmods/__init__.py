@@ -13,6 +13,8 @@ from .layers import (
     collect_aux_losses,
 )
 from .registry import create, get_variant, list_variants, register_variant
+from .io import export, load, save
+from .swap import SwapReport, swap
 
 __version__ = "0.1.0.dev0"
 
@@ -27,5 +29,10 @@ __all__ = [
     "get_variant",
     "list_variants",
     "register_variant",
+    "swap",
+    "SwapReport",
+    "save",
+    "load",
+    "export",
     "__version__",
 ]

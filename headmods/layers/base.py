@@ -27,7 +27,7 @@ from ..functional.masks import AttentionMask, from_mha
 from ..functional.rope import positions_from, rope_cos_sin
 from .config import AttentionConfig
 
-__all__ = ["HeadAttention", "Projections", "CacheLike", "mha_projections", "collect_aux_losses"]
+__all__ = ["HeadAttention", "Projections", "CacheLike", "read_mha", "collect_aux_losses"]
 
 
 class CacheLike(Protocol):
@@ -51,8 +51,13 @@ class Projections(NamedTuple):
     o_bias: Tensor | None = None
 
 
-def mha_projections(module: nn.MultiheadAttention) -> Projections:
-    """Split an ``nn.MultiheadAttention``'s packed (or separate) input projection into q, k, v."""
+def read_mha(module: nn.MultiheadAttention) -> tuple[Projections, dict[str, Any]]:
+    """An ``nn.MultiheadAttention``'s q, k, v, o weights (the packed projection split) and its layer settings."""
+    if not isinstance(module, nn.MultiheadAttention):
+        raise TypeError(f"expected nn.MultiheadAttention, got {type(module).__name__}")
+    if module.bias_k is not None or module.add_zero_attn:
+        raise ValueError("nn.MultiheadAttention with add_bias_kv=True or add_zero_attn=True has no "
+                         "headmods equivalent")
     if module._qkv_same_embed_dim:
         q_w, k_w, v_w = module.in_proj_weight.chunk(3)
     else:
@@ -60,7 +65,10 @@ def mha_projections(module: nn.MultiheadAttention) -> Projections:
     q_b = k_b = v_b = None
     if module.in_proj_bias is not None:
         q_b, k_b, v_b = module.in_proj_bias.chunk(3)
-    return Projections(q_w, k_w, v_w, module.out_proj.weight, q_b, k_b, v_b, module.out_proj.bias)
+    weights = Projections(q_w, k_w, v_w, module.out_proj.weight, q_b, k_b, v_b, module.out_proj.bias)
+    settings = dict(dropout=module.dropout, bias=q_b is not None, out_bias=module.out_proj.bias is not None,
+                    kdim=module.kdim, vdim=module.vdim, batch_first=module.batch_first)
+    return weights, settings
 
 
 def collect_aux_losses(model: nn.Module) -> Tensor | None:
@@ -160,13 +168,8 @@ class HeadAttention(nn.Module):
         """
         if not isinstance(module, nn.MultiheadAttention):
             raise TypeError(f"from_mha expects nn.MultiheadAttention, got {type(module).__name__}")
-        if module.bias_k is not None or module.add_zero_attn:
-            raise ValueError("nn.MultiheadAttention with add_bias_kv=True or add_zero_attn=True has no "
-                             "headmods equivalent")
-        settings = dict(dropout=module.dropout, bias=module.in_proj_bias is not None, kdim=module.kdim,
-                        vdim=module.vdim, batch_first=module.batch_first)
-        settings.update(config)
-        return cls.from_projections(mha_projections(module), module.embed_dim, module.num_heads, **settings)
+        weights, settings = read_mha(module)
+        return cls.from_projections(weights, module.embed_dim, module.num_heads, **{**settings, **config})
 
     def load_projections(self, weights: Projections) -> None:
         """Copy q, k, v and output projection weights into this layer."""

@@ -35,7 +35,10 @@ class AttentionConfig:
         kv_map: query head -> kv head, for non-contiguous groups (e.g. after pruning GQA);
             None means contiguous groups of ``num_heads // num_kv_heads``.
         dropout: dropout on attention probabilities (training only).
-        bias: biases on the q, k, v and output projections.
+        bias: biases on the q, k and v projections (and on the output projection unless
+            ``out_bias`` says otherwise).
+        out_bias: bias on the output projection; None means the same as ``bias`` (timm ViTs
+            have none on qkv but one on the output; Qwen2 the other way round).
         kdim, vdim: key / value input sizes (``embed_dim`` by default), as in ``nn.MultiheadAttention``.
         batch_first: ``(B, T, D)`` inputs when True, ``(T, B, D)`` when False (MHA's default).
         impl: kernel: ``"auto"`` (SDPA; eager when weights are requested), ``"sdpa"``, ``"eager"``, ``"flex"``.
@@ -52,6 +55,7 @@ class AttentionConfig:
     kv_map: tuple[int, ...] | None = None
     dropout: float = 0.0
     bias: bool = True
+    out_bias: bool | None = None
     kdim: int | None = None
     vdim: int | None = None
     batch_first: bool = False
@@ -80,6 +84,7 @@ class AttentionConfig:
             check_kv_map(self.kv_map, self.num_heads, self.num_kv_heads)
             if self.kv_map == self.contiguous_kv_map():
                 self._set("kv_map", None)  # canonical form: contiguous groups are spelled None
+        self._set("out_bias", self.bias if self.out_bias is None else self.out_bias)
         for name in ("kdim", "vdim"):
             self._set(name, self.embed_dim if getattr(self, name) is None else getattr(self, name))
             _check_int(name, getattr(self, name))

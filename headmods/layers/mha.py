@@ -59,7 +59,7 @@ class MultiHeadAttention(HeadAttention):
         self.q_proj = nn.Linear(c.embed_dim, c.num_heads * c.head_dim, bias=c.bias, **dd)
         self.k_proj = nn.Linear(c.kdim, c.num_kv_heads * c.head_dim, bias=c.bias, **dd)
         self.v_proj = nn.Linear(c.vdim, c.num_kv_heads * c.head_dim, bias=c.bias, **dd)
-        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.embed_dim, bias=c.bias, **dd)
+        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.embed_dim, bias=c.out_bias, **dd)
         self.reset_parameters()
 
     @property

@@ -242,7 +242,9 @@ def test_pruning_to_unequal_groups_records_kv_map_and_survives_round_trip():
 def test_config_round_trips_through_json():
     layer = headmods.create("mha", 48, 6, num_kv_heads=3, batch_first=True, rope_theta=1e5, dropout=0.1, bias=False)
     c = layer.config
-    assert (c.head_dim, c.kdim, c.vdim, c.kv_map) == (8, 48, 48, None)
+    assert (c.head_dim, c.kdim, c.vdim, c.kv_map, c.out_bias) == (8, 48, 48, None, False)
+    mixed = headmods.create("mha", 48, 6, bias=False, out_bias=True)
+    assert mixed.q_proj.bias is None and mixed.o_proj.bias is not None
     again = type(c).from_json(c.to_json())
     assert again == c
     with pytest.raises(Exception):
