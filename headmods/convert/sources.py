@@ -90,7 +90,8 @@ class Source:
 
 
 def checkpoints_dir() -> Path:
-    """The folder searched for manifests: ``$HEADMODS_CHECKPOINTS``, else ``<repo>/checkpoints``.
+    """The folder searched for manifests: ``$HEADMODS_CHECKPOINTS``, else the shipped ``checkpoints/``
+    (``headmods/_shipped/checkpoints`` links to the repository's folder and is package data in wheels).
 
     Example:
         >>> checkpoints_dir().name
@@ -101,7 +102,7 @@ def checkpoints_dir() -> Path:
         return Path(override).expanduser()
     import headmods
 
-    return Path(headmods.__file__).resolve().parents[1] / "checkpoints"
+    return Path(headmods.__file__).parent / "_shipped" / "checkpoints"
 
 
 def sha256_file(path: str | os.PathLike[str], *, chunk_size: int = 1 << 20) -> str:

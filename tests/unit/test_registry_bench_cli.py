@@ -68,15 +68,16 @@ def test_peak_memory_sees_a_large_temporary():
         assert mb >= 60
 
 
-def test_cli_ls_and_demo(capsys):
+def test_cli_ls_and_bench_variant(capsys):
     assert main(["ls"]) == 0
     assert "mha" in capsys.readouterr().out.split()
-    assert main(["demo", "--seq-len", "16", "--embed-dim", "32", "--num-heads", "4", "--rounds", "1"]) == 0
+    assert main(["bench", "--variant", "mha", "--embed-dim", "32", "--num-heads", "4", "--num-kv-heads", "2",
+                 "--batch", "2", "--seq-len", "16", "--rounds", "1"]) == 0
     out = capsys.readouterr().out
-    assert "| mha |" in out and "(2, 16, 32)" in out
+    assert "| mha (SDPA baseline) |" in out and "| mha |" in out and "(2, 16, 32)" in out
 
 
 def test_cli_reports_bad_options_in_one_line(capsys):
-    assert main(["demo", "--embed-dim", "30", "--num-heads", "4"]) == 2
+    assert main(["bench", "--variant", "mha", "--embed-dim", "30", "--num-heads", "4"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "num_heads (4) must divide embed_dim (30)" in err

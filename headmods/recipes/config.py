@@ -1,0 +1,239 @@
+"""Recipe configuration: YAML files in ``recipes/`` read into frozen, strictly checked dataclasses.
+
+A recipe file has one section per concern::
+
+    recipe: finetune            # convert | finetune | prune | eval | demo
+    output_dir: checkpoints/runs/minilm-bbc
+    model: {source: minilm, variant: mha, task: classification}
+    data:  {kind: bbc, max_length: 128, val_fraction: 0.2, seed: 0}
+    train: {max_steps: 120, lr: 5.0e-5, batch_size: 16}
+    prune: {importance: taylor, ratio: 0.5, recover_steps: 40}
+    bench: {batch_size: 16, seq_len: 128}
+
+Every key is checked: a misspelled one is an error that names it, the section, and the keys that
+section knows. Command-line overrides use the same dotted names: ``train.max_steps=2``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .data import DataConfig, TASKS
+
+__all__ = ["ModelConfig", "TrainConfig", "PruneConfig", "BenchConfig", "RecipeConfig", "load_config",
+           "apply_overrides", "RECIPES", "TASKS"]
+
+RECIPES = ("convert", "finetune", "prune", "eval", "demo")
+
+
+class ConfigError(ValueError):
+    """A recipe file or override that does not fit the schema (the message is one line)."""
+
+
+def _strict(cls: type, data: Any, where: str) -> Any:
+    if data is None:
+        return cls()
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping of keys, got {type(data).__name__}")
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(f'{where}.{k}' for k in unknown)}; "
+                          f"{where} knows: {', '.join(known)}")
+    try:
+        return cls(**data)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _positive(name: str, value: Any, *, allow_zero: bool = False) -> None:
+    low = 0 if allow_zero else 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Where the model comes from and what it becomes."""
+
+    source: str | None = "minilm"  # known short name, HF folder or .gguf file
+    checkpoint: str | None = None  # a headmods folder to start from instead of ``source``
+    variant: str | None = "mha"  # headmods variant swapped in (None: keep the host attention)
+    variant_config: dict[str, Any] = field(default_factory=dict)
+    task: str = "classification"
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.source is None and self.checkpoint is None:
+            raise ValueError("give model.source (a checkpoint name or path) or model.checkpoint (a headmods folder)")
+        if self.variant is not None:
+            from ..registry import get_variant
+
+            get_variant(self.variant)  # unknown names fail here, before anything is loaded
+        if not isinstance(self.variant_config, dict):
+            raise ValueError(f"variant_config must be a mapping, got {type(self.variant_config).__name__}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimization and Lightning trainer settings."""
+
+    max_steps: int = 100
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    aux_weight: float = 0.01  # weight of routed layers' aux losses (collect_aux_losses)
+    checkpoint_every_n_steps: int = 50  # resumable Lightning checkpoint (last.ckpt)
+    log_every_n_steps: int = 10
+    seed: int = 0
+    devices: int | str = 1
+    accelerator: str = "cpu"
+    strategy: str = "auto"
+    precision: str = "32-true"
+    accumulate_grad_batches: int = 1
+    progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        _positive("max_steps", self.max_steps, allow_zero=True)
+        _positive("checkpoint_every_n_steps", self.checkpoint_every_n_steps)
+        _positive("log_every_n_steps", self.log_every_n_steps)
+        _positive("accumulate_grad_batches", self.accumulate_grad_batches)
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr!r}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Head-importance scoring, the pruning plan and the recovery fine-tune."""
+
+    importance: str = "taylor"  # magnitude | ablation | taylor
+    ratio: float = 0.5
+    uniform: bool = True  # same head count in every layer (needed for stock HF export)
+    ignore: tuple[str, ...] = ()
+    min_heads: int = 1
+    calib_samples: int = 128
+    recover_steps: int = 0
+
+    def __post_init__(self) -> None:
+        if self.importance not in ("magnitude", "ablation", "taylor"):
+            raise ValueError(f"importance must be magnitude, ablation or taylor, got {self.importance!r}")
+        if not 0 <= self.ratio < 1:
+            raise ValueError(f"ratio must be in [0, 1), got {self.ratio!r}")
+        object.__setattr__(self, "ignore", tuple(self.ignore))
+        _positive("calib_samples", self.calib_samples)
+        _positive("recover_steps", self.recover_steps, allow_zero=True)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Encoder/decoder forward timing in reports."""
+
+    batch_size: int = 16
+    seq_len: int = 128
+    rounds: int = 5
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "seq_len", "rounds"):
+            _positive(name, getattr(self, name), allow_zero=name == "rounds")
+
+
+@dataclass(frozen=True)
+class RecipeConfig:
+    """A whole recipe run."""
+
+    recipe: str
+    output_dir: str
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig | None = None
+    train: TrainConfig = field(default_factory=TrainConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    verify: bool = True  # convert: check the converted model against the source on real inputs
+
+    def __post_init__(self) -> None:
+        if self.recipe not in RECIPES:
+            raise ValueError(f"recipe must be one of {RECIPES}, got {self.recipe!r}")
+        if self.recipe in ("finetune", "prune", "eval", "demo") and self.data is None:
+            raise ValueError(f"the {self.recipe} recipe needs a data section")
+        if (self.recipe == "convert" and self.model.task == "classification" and self.data is None
+                and self.model.checkpoint is None):
+            raise ValueError("converting for classification needs a data section (its labels size the classifier)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "recipe") -> "RecipeConfig":
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where} must be a YAML mapping, got {type(data).__name__}")
+        sections = {"model": ModelConfig, "train": TrainConfig, "prune": PruneConfig, "bench": BenchConfig}
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown top-level key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} in "
+                              f"{where}; known: {', '.join(known)}")
+        values = dict(data)
+        for name, section in sections.items():
+            values[name] = _strict(section, data.get(name), name)
+        if data.get("data") is not None:
+            if not isinstance(data["data"], dict):
+                raise ConfigError(f"data must be a mapping of keys, got {type(data['data']).__name__}")
+            try:
+                values["data"] = DataConfig.from_dict(data["data"])
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"data: {e}") from None
+        for key in ("recipe", "output_dir"):
+            if key not in data:
+                raise ConfigError(f"{where} needs the key {key!r}")
+        try:
+            return cls(**values)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{where}: {e}") from None
+
+
+def _parse_value(text: str) -> Any:
+    import yaml
+
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``["train.max_steps=2", "data.path=/x"]`` applied to the raw YAML mapping (a copy)."""
+    import copy
+
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if node.get(part) is None:
+                node[part] = {}
+            if not isinstance(node[part], dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+            node = node[part]
+        node[parts[-1]] = _parse_value(value)
+    return data
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> RecipeConfig:
+    """Read a recipe YAML file, apply ``key=value`` overrides, and check everything."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
+    return RecipeConfig.from_dict(apply_overrides(data or {}, overrides or []), where=str(path))

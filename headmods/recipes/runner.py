@@ -1,0 +1,268 @@
+"""The recipe runner: convert, finetune, prune, eval and demo as sequences of stages.
+
+Every run writes into ``output_dir``: the final model as a headmods folder (``model/``; the demo
+also keeps ``finetuned/``), ``report.md`` + ``metrics.json`` + PNG plots, and resumable Lightning
+checkpoints under ``lightning/<stage>/``. Running the same command again resumes a fit stage
+from its last checkpoint. Only rank 0 continues after a distributed fit.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from ..bench import compare
+from ..io import save
+from ..prune import head_importance, plan_from_scores, prune_heads
+from .build import build_model, source_model
+from .config import RecipeConfig
+from .data import RecipeDataModule
+from .report import RunReport, markdown_table
+from .training import fit, make_task
+
+__all__ = ["run_recipe", "RecipeRun", "summary_rows"]
+
+
+def _params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+class RecipeRun:
+    """One recipe run; ``run()`` executes the stages of ``config.recipe`` and writes the report."""
+
+    def __init__(self, config: RecipeConfig, *, command: str | None = None, callbacks: tuple = (),
+                 log: Any = None) -> None:
+        self.config = config
+        self.out = Path(config.output_dir)
+        self.callbacks = callbacks
+        self.log = log or (lambda msg: print(msg, flush=True))
+        self.report = RunReport(title=f"headmods {config.recipe}: {config.model.checkpoint or config.model.source}",
+                                command=command or shlex.join(["headmods", *sys.argv[1:]]), config=config.to_dict())
+        self.dm: RecipeDataModule | None = None
+        self.rank = 0
+
+    # -- stages ------------------------------------------------------------------------------------
+    def data(self, tokenizer: Any) -> RecipeDataModule:
+        dm = RecipeDataModule(self.config.data, tokenizer, task=self.config.model.task, cache_dir=self.out / "cache")
+        dm.setup("fit")
+        described = dm.describe()
+        rows = [{"field": k, "value": v if isinstance(v, (int, float, str)) or v is None else json.dumps(v)}
+                for k, v in described.items()]
+        self.report.add_section("Data", "Splits are seeded; the same seed gives the same split.\n\n"
+                                + markdown_table(rows))
+        for key in ("train_size", "val_size", "seed"):
+            if key in described:
+                self.report.add_metric(f"data.{key}", described[key])
+        return dm
+
+    def labels(self) -> list[str] | None:
+        return self.dm.label_names if self.dm is not None else None
+
+    def evaluate(self, model: nn.Module, name: str) -> dict[str, float]:
+        task = make_task(model, self.config.model.task, self.config.train, steps=1, num_labels=self.dm.num_labels)
+        metrics = task.evaluate(self.dm.val_dataloader())
+        metrics["params"] = _params(model)
+        for key, value in metrics.items():
+            self.report.add_metric(f"{name}.{key}", value)
+        self.log(f"[{name}] " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        return metrics
+
+    def train(self, model: nn.Module, stage: str, steps: int) -> bool:
+        """Fit ``steps`` steps; False on non-zero ranks of a distributed run (they stop here)."""
+        if steps <= 0:
+            return True
+        task = make_task(model, self.config.model.task, self.config.train, steps=steps, num_labels=self.dm.num_labels)
+        self.log(f"[{stage}] fine-tuning {steps} steps")
+        start = time.perf_counter()
+        trainer, history = fit(task, self.dm, self.config.train, steps=steps, stage_dir=self.out / "lightning" / stage,
+                               callbacks=self.callbacks)
+        self.rank = trainer.global_rank
+        for step, loss in history:
+            self.report.add_curve_point(f"{stage} train loss", int(step), float(loss))
+        self.report.add_metric(f"{stage}.train_seconds", round(time.perf_counter() - start, 1))
+        self.report.add_metric(f"{stage}.steps", steps)
+        model.eval()
+        return trainer.is_global_zero
+
+    def bench(self, models: dict[str, nn.Module]) -> None:
+        b = self.config.bench
+        if not b.rounds:
+            return
+        vocab = getattr(next(iter(models.values())).config, "vocab_size", 1000)
+        ids = torch.randint(min(1000, vocab - 1), vocab, (b.batch_size, b.seq_len), generator=torch.Generator().manual_seed(0))
+        mask = torch.ones_like(ids)
+        runs = {name: (lambda m=m: m(input_ids=ids, attention_mask=mask)) for name, m in models.items()}
+        self.log(f"[bench] forward, batch {b.batch_size}, seq {b.seq_len}, {b.rounds} rounds")
+        with torch.no_grad():
+            res = compare(runs, rounds=b.rounds, warmup=1, memory=False)
+        rows = [{"label": name, "ms": res.median_ms(name), "ratio": res.ratio(name)} for name in models]
+        self.report.latency = [{"label": r["label"], "ms": r["ms"]} for r in rows]
+        self.report.add_section("Speed", f"Forward of the base model, batch {b.batch_size}, sequence {b.seq_len}, "
+                                f"median of {b.rounds} alternating rounds in one process, {res.threads} threads.\n\n"
+                                + markdown_table(rows))
+        for r in rows:
+            self.report.add_metric(f"bench.{r['label']}.ms", r["ms"])
+            self.report.add_metric(f"bench.{r['label']}.ratio", r["ratio"])
+
+    def prune_stage(self, model: nn.Module) -> dict[str, Any]:
+        p = self.config.prune
+        task = make_task(model, self.config.model.task, self.config.train, steps=1, num_labels=self.dm.num_labels)
+        n = min(p.calib_samples, len(self.dm.train_dataset))
+        batches = self.dm.calibration_batches(n)
+        self.log(f"[prune] {p.importance} importance on {n} calibration samples")
+        scores = head_importance(model, p.importance, batches=batches, loss_fn=lambda m, b: task.task_loss(b))
+        plan = plan_from_scores(scores, ratio=p.ratio, uniform=p.uniform, ignore=p.ignore, min_heads=p.min_heads,
+                                model=model)
+        report = prune_heads(model, plan)
+        self.report.head_scores = {k: v.tolist() for k, v in scores.items()}
+        self.report.kept_heads = {k: list(v) for k, v in plan.keep.items()}
+        self.report.add_section("Pruning", report.to_markdown())
+        self.report.add_metric("prune.params_before", report.params_before)
+        self.report.add_metric("prune.params_after", report.params_after)
+        self.report.add_metric("prune.attention_params_before", report.attn_params_before)
+        self.report.add_metric("prune.attention_params_after", report.attn_params_after)
+        return plan.to_dict()
+
+    def save(self, model: nn.Module, tokenizer: Any, name: str, source: Any = None) -> Path:
+        folder = save(model, self.out / name, tokenizer=tokenizer, source=source, overwrite=True,
+                      provenance={"recipe": self.config.recipe, "seed": self.config.train.seed},
+                      card={"metrics": {k: v for k, v in _flat(self.report.metrics).items() if "val_" in k}})
+        self.log(f"[save] {folder}")
+        return folder
+
+    # -- recipes -----------------------------------------------------------------------------------
+    def run(self) -> RunReport:
+        L.seed_everything(self.config.train.seed, workers=True, verbose=False)
+        recipe = getattr(self, f"_{self.config.recipe}")
+        finished = recipe()
+        if finished is False:
+            return self.report  # a non-zero rank of a distributed fit
+        files = self.report.write(self.out)
+        self.log(f"[report] {files['report.md']}")
+        return self.report
+
+    def _model(self) -> tuple[nn.Module, Any, dict[str, Any]]:
+        model, tokenizer, info = build_model(self.config.model, label_names=self.labels())
+        for key, value in info.items():
+            self.report.add_metric(f"model.{key}", value)
+        return model, tokenizer, info
+
+    def _tokenizer_then_data(self) -> tuple[nn.Module, Any, dict[str, Any]]:
+        from ..convert import load_tokenizer, resolve_source
+
+        cfg = self.config.model
+        tokenizer = load_tokenizer(cfg.checkpoint if cfg.checkpoint else resolve_source(cfg.source))
+        if getattr(tokenizer, "pad_token", None) is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.dm = self.data(tokenizer)
+        return self._model()
+
+    def _convert(self) -> bool:
+        cfg = self.config
+        if cfg.data is not None:
+            model, tokenizer, info = self._tokenizer_then_data()
+        else:
+            model, tokenizer, info = self._model()
+        if cfg.verify and cfg.model.checkpoint is None:
+            reference, _, _ = source_model(cfg.model, label_names=self.labels())
+            enc = tokenizer(["headmods converts attention layers and checks that nothing changed."] * 2,
+                            return_tensors="pt")
+            with torch.no_grad():
+                a = _base(reference)(**enc).last_hidden_state
+                b = _base(model)(**enc).last_hidden_state
+            diff = float((a - b).abs().max())
+            self.report.add_metric("convert.max_abs_diff", diff)
+            self.log(f"[verify] max |source - converted| over the base model's hidden states = {diff:.3g}")
+        if cfg.data is not None and cfg.train.max_steps > 0:
+            if not self.train(model, "calibrate", cfg.train.max_steps):
+                return False
+            self.evaluate(model, "calibrate")
+        self.save(model, tokenizer, "model", source=info.get("source"))
+        return True
+
+    def _finetune(self) -> bool:
+        model, tokenizer, info = self._tokenizer_then_data()
+        if self.config.model.task == "causal-lm":
+            self.evaluate(model, "before")
+        if not self.train(model, "finetune", self.config.train.max_steps):
+            return False
+        self.evaluate(model, "finetune")
+        self.save(model, tokenizer, "model", source=info.get("source"))
+        return True
+
+    def _eval(self) -> bool:
+        model, _, _ = self._tokenizer_then_data()
+        self.evaluate(model, "eval")
+        self.bench({"model": _base(model)})
+        return True
+
+    def _prune(self, model: nn.Module | None = None, tokenizer: Any = None) -> bool:
+        if model is None:
+            model, tokenizer, _ = self._tokenizer_then_data()
+        before = self.evaluate(model, "unpruned")
+        unpruned = copy.deepcopy(model)
+        self.prune_stage(model)
+        pruned = self.evaluate(model, "pruned")
+        points = [{"label": "unpruned", "params": before["params"], **_score(before)},
+                  {"label": "pruned", "params": pruned["params"], **_score(pruned)}]
+        steps = self.config.prune.recover_steps
+        if steps:
+            if not self.train(model, "recover", steps):
+                return False
+            recovered = self.evaluate(model, "recovered")
+            points.append({"label": "pruned + recovered", "params": recovered["params"], **_score(recovered)})
+        self.report.tradeoff = points
+        self.bench({"unpruned": _base(unpruned), "pruned": _base(model)})
+        self.save(model, tokenizer, "model")
+        return True
+
+    def _demo(self) -> bool:
+        model, tokenizer, info = self._tokenizer_then_data()
+        if not self.train(model, "finetune", self.config.train.max_steps):
+            return False
+        self.evaluate(model, "finetune")
+        self.save(model, tokenizer, "finetuned", source=info.get("source"))
+        return self._prune(model, tokenizer)
+
+
+def _base(model: nn.Module) -> nn.Module:
+    return getattr(model, "base_model", model)
+
+
+def _score(metrics: dict[str, float]) -> dict[str, float]:
+    return {"accuracy": metrics["val_accuracy"]} if "val_accuracy" in metrics else {"perplexity": metrics["val_ppl"]}
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def summary_rows(report: RunReport) -> list[dict[str, Any]]:
+    """One row per evaluated stage (validation metrics and parameters), then the speed rows."""
+    rows = []
+    for stage, values in report.metrics.items():
+        if isinstance(values, dict) and any(k.startswith("val_") for k in values):
+            rows.append({"stage": stage, **{k: v for k, v in values.items() if k.startswith("val_") or k == "params"}})
+    for row in report.latency:
+        rows.append({"stage": f"speed: {row['label']}", "ms": row["ms"]})
+    return rows
+
+
+def run_recipe(config: RecipeConfig, *, command: str | None = None, callbacks: tuple = ()) -> RunReport:
+    """Run ``config`` (see :class:`RecipeRun`) and return its report."""
+    return RecipeRun(config, command=command, callbacks=callbacks).run()

@@ -1,0 +1,191 @@
+"""Shipped recipes run (2 steps each), resume reproduces, distributed fine-tune, the CLI's errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import headmods
+from headmods.recipes.config import load_config
+from headmods.recipes.runner import run_recipe
+from headmods.recipes.shipped import list_recipes
+
+SMALL = ["train.max_steps=2", "prune.recover_steps=2", "prune.calib_samples=8", "data.limit=64",
+         "bench.rounds=1", "bench.batch_size=2", "bench.seq_len=16", "train.progress_bar=false",
+         "train.checkpoint_every_n_steps=1", "train.log_every_n_steps=1"]
+SHIPPED = {name for name, _, _ in list_recipes()}
+HEADMODS = str(Path(sys.executable).parent / "headmods")  # the real console entry point
+
+
+def _run(name: str, out: Path, *extra: str) -> Path:
+    config = load_config(dict((n, p) for n, p, _ in list_recipes())[name], SMALL + [f"output_dir={out}", *extra])
+    run_recipe(config, command=f"test {name}")
+    assert (out / "report.md").is_file() and json.loads((out / "metrics.json").read_text())
+    return out
+
+
+def test_every_shipped_recipe_is_covered_below():
+    assert SHIPPED == {"convert_minilm_mha", "minilm_bbc_finetune", "minilm_bbc_prune", "minilm_bbc_eval",
+                       "demo_minilm_bbc", "smollm2_pydoc_finetune", "smollm2_pydoc_eval"}
+    for name, path, summary in list_recipes():
+        first = path.read_text().splitlines()[0]
+        assert first.startswith("# headmods ") and summary, f"{name} must open with its command and a summary"
+
+
+@pytest.fixture(scope="module")
+def minilm_finetuned(tmp_path_factory) -> Path:
+    out = _run("minilm_bbc_finetune", tmp_path_factory.mktemp("ft"))
+    return out / "model"
+
+
+def test_minilm_finetune_recipe(minilm_finetuned):
+    model = headmods.load(minilm_finetuned)
+    assert type(model).__name__ == "BertForSequenceClassification" and model.config.num_labels == 5
+    assert isinstance(model.bert.encoder.layer[0].attention, headmods.HeadAttention)
+
+
+def test_convert_recipe_verifies_and_saves(tmp_path):
+    out = _run("convert_minilm_mha", tmp_path)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["convert"]["max_abs_diff"] <= 1e-5
+    assert headmods.load(out / "model") is not None
+
+
+def test_prune_and_eval_recipes(tmp_path, minilm_finetuned):
+    out = _run("minilm_bbc_prune", tmp_path / "prune", f"model.checkpoint={minilm_finetuned}")
+    metrics = json.loads((out / "metrics.json").read_text())
+    removed = 6 * (3 * (6 * 32 * 384 + 6 * 32) + 384 * 6 * 32)  # 6 layers: half of q/k/v rows + biases, o columns
+    assert metrics["prune"]["attention_params_before"] - metrics["prune"]["attention_params_after"] == removed
+    assert {"unpruned", "pruned", "recovered"} <= set(metrics)
+    assert len(list(out.glob("*.png"))) >= 2
+    pruned = headmods.load(out / "model")
+    assert pruned.bert.encoder.layer[2].attention.num_heads == 6
+    ev = _run("minilm_bbc_eval", tmp_path / "eval", f"model.checkpoint={out / 'model'}")
+    assert "val_accuracy" in json.loads((ev / "metrics.json").read_text())["eval"]
+
+
+def test_demo_recipe(tmp_path):
+    out = _run("demo_minilm_bbc", tmp_path)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"finetune", "unpruned", "pruned", "recovered", "bench"} <= set(metrics)
+    assert {"loss.png", "head_importance.png", "tradeoff.png", "latency.png"} <= {p.name for p in out.glob("*.png")}
+    assert (out / "finetuned" / "headmods.json").is_file() and (out / "model" / "headmods.json").is_file()
+
+
+@pytest.mark.slow
+def test_smollm2_recipes(tmp_path):
+    out = _run("smollm2_pydoc_finetune", tmp_path / "ft", "data.limit=12", "data.max_length=64")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["before"]["val_ppl"] > 1 and metrics["finetune"]["val_ppl"] > 1
+    ev = _run("smollm2_pydoc_eval", tmp_path / "ev", f"model.checkpoint={out / 'model'}", "data.limit=12",
+              "data.max_length=64")
+    assert json.loads((ev / "metrics.json").read_text())["eval"]["val_ppl"] > 1
+
+
+class Crash(Exception):
+    pass
+
+
+def test_killed_and_resumed_finetune_reproduces_the_uninterrupted_run(tmp_path, tiny_recipe):
+    from lightning.pytorch.callbacks import Callback
+
+    class KillAt(Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 7:  # after the checkpoint of step 6
+                raise Crash("killed")
+
+    path = tiny_recipe()
+    straight = load_config(path, [f"output_dir={tmp_path / 'straight'}"])
+    run_recipe(straight)
+    interrupted = load_config(path, [f"output_dir={tmp_path / 'resumed'}"])
+    with pytest.raises(Crash):
+        run_recipe(interrupted, callbacks=(KillAt(),))
+    assert (tmp_path / "resumed" / "lightning" / "finetune" / "last.ckpt").is_file()
+    assert not (tmp_path / "resumed" / "model").exists()
+    run_recipe(interrupted)  # the same command again: resumes from step 6
+    a = json.loads((tmp_path / "straight" / "metrics.json").read_text())["finetune"]
+    b = json.loads((tmp_path / "resumed" / "metrics.json").read_text())["finetune"]
+    for key in ("val_loss", "val_accuracy", "val_f1"):
+        assert b[key] == pytest.approx(a[key], abs=1e-6), key
+    wa = headmods.load(tmp_path / "straight" / "model").state_dict()
+    wb = headmods.load(tmp_path / "resumed" / "model").state_dict()
+    for key in wa:
+        torch.testing.assert_close(wb[key], wa[key], atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow
+def test_distributed_finetune_ddp_two_cpu_processes(tmp_path, tiny_recipe):
+    path = tiny_recipe()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([HEADMODS, "finetune", "--config", str(path), "train.strategy=ddp", "train.devices=2",
+                           "train.max_steps=2", f"output_dir={tmp_path / 'ddp'}"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "ddp" / "model" / "headmods.json").is_file()
+    assert "val_accuracy" in json.loads((tmp_path / "ddp" / "metrics.json").read_text())["finetune"]
+
+
+def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([HEADMODS, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+
+
+def test_cli_ls_and_cp(tmp_path):
+    proc = _cli("ls")
+    assert proc.returncode == 0
+    for word in ("mha", "demo_minilm_bbc", "minilm", "smollm2-135m"):
+        assert word in proc.stdout
+    proc = _cli("cp", "minilm_bbc_finetune", str(tmp_path))
+    assert proc.returncode == 0 and (tmp_path / "minilm_bbc_finetune.yaml").is_file()
+    assert load_config(tmp_path / "minilm_bbc_finetune.yaml").recipe == "finetune"
+    again = _cli("cp", "minilm_bbc_finetune", str(tmp_path))
+    assert again.returncode == 2 and "exists; pass --force" in again.stderr
+
+
+def test_cli_bench_and_export(tmp_path, minilm_finetuned):
+    proc = _cli("bench", "--variant", "mha", "--num-kv-heads", "4", "--embed-dim", "64", "--num-heads", "8",
+                "--batch", "2", "--seq-len", "32", "--rounds", "1")
+    assert proc.returncode == 0 and "mha (SDPA baseline)" in proc.stdout and "tokens/s" in proc.stdout
+    proc = _cli("bench", "--ckpt", str(minilm_finetuned), "--batch", "2", "--seq-len", "16", "--rounds", "1")
+    assert proc.returncode == 0 and "22,7" in proc.stdout  # MiniLM's parameter count
+    proc = _cli("export", "--ckpt", str(minilm_finetuned), "--out", str(tmp_path / "hf"))
+    assert proc.returncode == 0, proc.stderr
+    from transformers import AutoModelForSequenceClassification
+
+    stock = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf")
+    assert stock.config.num_labels == 5
+
+
+@pytest.mark.parametrize("args,message", [
+    (["finetune", "--config", "no_such_recipe"], "no shipped recipe named 'no_such_recipe'"),
+    (["finetune", "--config", "minilm_bbc_finetune", "model.variant=nope"], "unknown variant 'nope'"),
+    (["finetune", "--config", "minilm_bbc_finetune", "train.max_stpes=2"], "unknown key train.max_stpes"),
+    (["finetune", "--config", "minilm_bbc_finetune", "data.kind=folder", "data.path=/no/such/dir"], "/no/such/dir"),
+    (["prune", "--config", "minilm_bbc_finetune"], "is a 'finetune' recipe; run it with `headmods finetune`"),
+    (["export", "--ckpt", "/no/such/ckpt", "--out", "/tmp/x"], "/no/such/ckpt"),
+    (["bench"], "give exactly one of --ckpt"),
+])
+def test_cli_bad_input_is_one_line(tmp_path, args, message):
+    proc = _cli(*args, cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("headmods")]
+    assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+
+
+def test_cli_data_errors(tmp_path):
+    empty = tmp_path / "labels"
+    (empty / "a").mkdir(parents=True)
+    (empty / "b").mkdir()
+    (empty / "b" / "x.txt").write_text("some text")
+    proc = _cli("finetune", "--config", "minilm_bbc_finetune", "data.kind=folder", f"data.path={empty}", cwd=tmp_path)
+    assert proc.returncode == 2 and str(empty / "a") in proc.stderr
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("")
+    proc = _cli("finetune", "--config", "minilm_bbc_finetune", "data.kind=json", f"data.path={blank}", cwd=tmp_path)
+    assert proc.returncode == 2 and "empty" in proc.stderr.lower()
