@@ -254,10 +254,11 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def summary_rows(report: RunReport) -> list[dict[str, Any]]:
     """One row per evaluated stage (validation metrics and parameters), then the speed rows."""
+    shown = ("val_loss", "val_accuracy", "val_f1", "val_ppl", "params")
     rows = []
     for stage, values in report.metrics.items():
-        if isinstance(values, dict) and any(k.startswith("val_") for k in values):
-            rows.append({"stage": stage, **{k: v for k, v in values.items() if k.startswith("val_") or k == "params"}})
+        if isinstance(values, dict) and any(k in values for k in shown[:-1]):
+            rows.append({"stage": stage, **{k: values[k] for k in shown if k in values}})
     for row in report.latency:
         rows.append({"stage": f"speed: {row['label']}", "ms": row["ms"]})
     return rows

@@ -78,11 +78,14 @@ def fit(task: RecipeTask, datamodule: L.LightningDataModule, train: TrainConfig,
         callbacks: tuple[Callback, ...] = ()) -> tuple[L.Trainer, list[list[float]]]:
     """Train ``task`` for ``steps`` optimizer steps; resume from ``stage_dir/last.ckpt`` when present."""
     history = LossHistory(train.log_every_n_steps)
+    world = train.devices if isinstance(train.devices, int) else 1
+    per_epoch = max(1, len(datamodule.train_dataset) // (datamodule.config.batch_size * world))
+    epochs = math.ceil(steps * train.accumulate_grad_batches / per_epoch)  # max_steps ends the run first
     ckpt = ModelCheckpoint(dirpath=stage_dir, every_n_train_steps=train.checkpoint_every_n_steps, save_last=True,
                            save_top_k=0, enable_version_counter=False)
     with quiet_lightning():
         trainer = L.Trainer(
-            max_steps=steps, max_epochs=-1, accelerator=train.accelerator, devices=train.devices,
+            max_steps=steps, max_epochs=epochs, accelerator=train.accelerator, devices=train.devices,
             strategy=train.strategy, precision=train.precision, accumulate_grad_batches=train.accumulate_grad_batches,
             callbacks=[history, ckpt, *callbacks], logger=False, enable_model_summary=False,
             enable_progress_bar=train.progress_bar, limit_val_batches=0, num_sanity_val_steps=0,

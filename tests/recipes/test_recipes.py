@@ -189,3 +189,23 @@ def test_cli_data_errors(tmp_path):
     blank.write_text("")
     proc = _cli("finetune", "--config", "minilm_bbc_finetune", "data.kind=json", f"data.path={blank}", cwd=tmp_path)
     assert proc.returncode == 2 and "empty" in proc.stderr.lower()
+
+
+@pytest.mark.slow
+def test_non_editable_install_ships_recipes_and_manifests(tmp_path):
+    """A wheel (what `pip install .` builds) carries the recipes and checkpoint manifests."""
+    repo = Path(__file__).resolve().parents[2]
+    wheel_dir, target = tmp_path / "wheel", tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(repo),
+                    "-w", str(wheel_dir)], check=True, capture_output=True, timeout=600)
+    wheel = next(wheel_dir.glob("headmods-*.whl"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True, timeout=600)
+    env = {**os.environ, "PYTHONPATH": str(target), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "headmods.cli", "ls"], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "demo_minilm_bbc" in proc.stdout and "smollm2-135m" in proc.stdout
+    where = subprocess.run([sys.executable, "-c", "import headmods; print(headmods.__file__)"], capture_output=True,
+                           text=True, env=env, cwd=tmp_path).stdout
+    assert where.startswith(str(target))  # the installed copy answered, not the repository
