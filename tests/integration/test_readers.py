@@ -29,7 +29,7 @@ MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9d
 REPO_CHECKPOINTS = Path(__file__).resolve().parents[2] / "checkpoints"
 
 
-def assert_same_state(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+def check_same_state(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
     assert sorted(got) == sorted(want)
     for key, value in want.items():
         assert got[key].shape == value.shape, key
@@ -114,7 +114,7 @@ def test_minilm_folder_equals_the_loaded_model(minilm_dir: Path, minilm):
     # Stored without a ``bert.`` prefix, plus a buffer current transformers no longer persists.
     assert not any(k.startswith("bert.") for k in state)
     assert set(state) - set(want) == {"embeddings.position_ids"}
-    assert_same_state({k: v for k, v in state.items() if k in want}, want)
+    check_same_state({k: v for k, v in state.items() if k in want}, want)
     assert type(minilm).__name__ == "BertModel" and not minilm.training
     assert all(p.dtype == torch.float32 for p in minilm.parameters())
 
@@ -137,7 +137,7 @@ def test_smollm2_dir_reads_back_equal(smollm2, smollm2_dir: Path):
     assert smollm2.lm_head.weight is smollm2.model.embed_tokens.weight
     assert set(want) - set(state) == {"lm_head.weight"}
     del want["lm_head.weight"]
-    assert_same_state(state, want)
+    check_same_state(state, want)
     assert (smollm2_dir / "tokenizer.json").is_file() or (smollm2_dir / "tokenizer_config.json").is_file()
 
 
@@ -160,9 +160,9 @@ def test_sharded_safetensors_read_back_equal(sharded_bert: Path, bert_model):
     assert len(shards_of(sharded_bert)) >= 3
     config, state = read_hf_folder(sharded_bert)
     assert config["hidden_size"] == 32
-    assert_same_state(state, bert_model.state_dict())
+    check_same_state(state, bert_model.state_dict())
     loaded = load_hf_model(sharded_bert)
-    assert_same_state(loaded.state_dict(), bert_model.state_dict())
+    check_same_state(loaded.state_dict(), bert_model.state_dict())
 
 
 def test_tied_llama_loads_with_lm_head_tied(tmp_path: Path):
@@ -173,7 +173,7 @@ def test_tied_llama_loads_with_lm_head_tied(tmp_path: Path):
     loaded = load_hf_model(tmp_path, auto_class=None)
     assert type(loaded).__name__ == "LlamaForCausalLM"
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
-    assert_same_state(loaded.state_dict(), model.state_dict())
+    check_same_state(loaded.state_dict(), model.state_dict())
     ids = torch.tensor([[1, 5, 9, 3]])
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
@@ -199,7 +199,7 @@ def test_base_prefix_is_stripped_or_added(tmp_path: Path, bert_model):
     write_config(prefixed, bert_model)
     state = {"bert." + k: v.contiguous() for k, v in bert_model.state_dict().items()}
     save_file(state, prefixed / "model.safetensors")
-    assert_same_state(load_hf_model(prefixed).state_dict(), bert_model.state_dict())
+    check_same_state(load_hf_model(prefixed).state_dict(), bert_model.state_dict())
 
     plain = tmp_path / "plain"
     bert_model.save_pretrained(plain)
@@ -213,7 +213,7 @@ def test_bin_reads_through_weights_only(tmp_path: Path, bert_model):
     write_config(tmp_path, bert_model)
     torch.save(bert_model.state_dict(), tmp_path / "pytorch_model.bin")
     _, state = read_hf_folder(tmp_path)
-    assert_same_state(state, bert_model.state_dict())
+    check_same_state(state, bert_model.state_dict())
 
 
 def test_sharded_bin_reads_back_equal(tmp_path: Path, bert_model):
@@ -226,7 +226,7 @@ def test_sharded_bin_reads_back_equal(tmp_path: Path, bert_model):
     weight_map = {k: shard for shard, names in halves.items() for k in names}
     (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     _, got = read_hf_folder(tmp_path)
-    assert_same_state(got, state)
+    check_same_state(got, state)
 
 
 def _touch(path: str) -> None:
