@@ -8,6 +8,8 @@ from .cache import KVCache
 from .layers import (
     AttentionConfig,
     HeadAttention,
+    MoHAttention,
+    MoHConfig,
     MultiHeadAttention,
     Projections,
     collect_aux_losses,
@@ -22,6 +24,8 @@ __all__ = [
     "AttentionConfig",
     "HeadAttention",
     "KVCache",
+    "MoHAttention",
+    "MoHConfig",
     "MultiHeadAttention",
     "Projections",
     "collect_aux_losses",

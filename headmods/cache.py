@@ -21,7 +21,7 @@ Example:
 
 from __future__ import annotations
 
-import torch
+import torch  # noqa: F401  (used by the doctest above)
 from torch import Tensor, nn
 
 __all__ = ["KVCache"]

@@ -3,8 +3,9 @@
 from .base import CacheLike, HeadAttention, Projections, collect_aux_losses, read_mha
 from .config import AttentionConfig
 from .mha import MultiHeadAttention
+from .moh import MoHAttention, MoHConfig
 
 __all__ = [
-    "AttentionConfig", "CacheLike", "HeadAttention", "MultiHeadAttention", "Projections",
+    "AttentionConfig", "CacheLike", "HeadAttention", "MoHAttention", "MoHConfig", "MultiHeadAttention", "Projections",
     "collect_aux_losses", "read_mha",
 ]

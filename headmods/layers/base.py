@@ -71,14 +71,20 @@ def read_mha(module: nn.MultiheadAttention) -> tuple[Projections, dict[str, Any]
     return weights, settings
 
 
-def collect_aux_losses(model: nn.Module) -> Tensor | None:
-    """Sum of the ``aux_loss`` of every headmods layer in ``model`` (None when no layer has one).
+def collect_aux_losses(model: nn.Module, reduction: str = "sum") -> Tensor | None:
+    """The ``aux_loss`` of every headmods layer in ``model``, summed or averaged (None when none has one).
 
-    Routed layers set ``aux_loss`` on each training forward and None in eval, so a training step
-    reads ``loss = task_loss + weight * collect_aux_losses(model)``.
+    Routed layers set ``aux_loss`` (already multiplied by their config's ``aux_weight``) on each
+    training forward and None in eval, so a training step reads
+    ``loss = task_loss + collect_aux_losses(model, "mean")`` (MoH's paper averages over layers).
     """
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
     losses = [m.aux_loss for m in model.modules() if isinstance(m, HeadAttention) and m.aux_loss is not None]
-    return torch.stack(losses).sum() if losses else None
+    if not losses:
+        return None
+    total = torch.stack(losses)
+    return total.sum() if reduction == "sum" else total.mean()
 
 
 class HeadAttention(nn.Module):

@@ -123,24 +123,28 @@ class MultiHeadAttention(HeadAttention):
             (3, 2, (0, 0, 1))
         """
         c = self.config
-        keep = _check_keep(keep, c.num_heads)
+        keep = check_keep(keep, c.num_heads)
         to_kv = c.query_to_kv()
         kept_kv = sorted({to_kv[i] for i in keep})
         new_map = tuple(kept_kv.index(to_kv[i]) for i in keep)
         d = c.head_dim
-        q_rows = _head_rows(keep, d, self.q_proj.weight.device)
-        kv_rows = _head_rows(kept_kv, d, self.k_proj.weight.device)
-        self.q_proj = _slice_linear(self.q_proj, rows=q_rows)
-        self.k_proj = _slice_linear(self.k_proj, rows=kv_rows)
-        self.v_proj = _slice_linear(self.v_proj, rows=kv_rows)
-        self.o_proj = _slice_linear(self.o_proj, cols=q_rows)
+        q_rows = head_rows(keep, d, self.q_proj.weight.device)
+        kv_rows = head_rows(kept_kv, d, self.k_proj.weight.device)
+        self.q_proj = slice_linear(self.q_proj, rows=q_rows)
+        self.k_proj = slice_linear(self.k_proj, rows=kv_rows)
+        self.v_proj = slice_linear(self.v_proj, rows=kv_rows)
+        self.o_proj = slice_linear(self.o_proj, cols=q_rows)
         original = c.kept_heads or tuple(range(c.num_heads))
-        self._config = c.replace(num_heads=len(keep), num_kv_heads=len(kept_kv), head_dim=d, kv_map=new_map,
-                                 kept_heads=tuple(original[i] for i in keep))
+        self._config = self._pruned_config(keep, num_heads=len(keep), num_kv_heads=len(kept_kv), head_dim=d,
+                                           kv_map=new_map, kept_heads=tuple(original[i] for i in keep))
         return self
 
+    def _pruned_config(self, keep: list[int], **changes):
+        """The config after keeping query heads ``keep``; variants with per-head settings extend it."""
+        return self.config.replace(**changes)
 
-def _check_keep(keep: Sequence[int], num_heads: int) -> list[int]:
+
+def check_keep(keep: Sequence[int], num_heads: int) -> list[int]:
     if isinstance(keep, Tensor):
         keep = keep.tolist()
     keep = list(keep)
@@ -153,12 +157,12 @@ def _check_keep(keep: Sequence[int], num_heads: int) -> list[int]:
     return sorted(keep)
 
 
-def _head_rows(heads: Sequence[int], head_dim: int, device: torch.device) -> Tensor:
+def head_rows(heads: Sequence[int], head_dim: int, device: torch.device) -> Tensor:
     """Row indices of ``heads`` in a ``(heads * head_dim, ...)`` projection."""
     return (torch.tensor(heads, device=device)[:, None] * head_dim + torch.arange(head_dim, device=device)).flatten()
 
 
-def _slice_linear(linear: nn.Linear, *, rows: Tensor | None = None, cols: Tensor | None = None) -> nn.Linear:
+def slice_linear(linear: nn.Linear, *, rows: Tensor | None = None, cols: Tensor | None = None) -> nn.Linear:
     """A new ``nn.Linear`` holding the selected output rows / input columns of ``linear``."""
     weight, bias = linear.weight.detach(), None if linear.bias is None else linear.bias.detach()
     if rows is not None:

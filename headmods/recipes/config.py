@@ -24,10 +24,10 @@ from typing import Any
 
 from .data import DataConfig, TASKS
 
-__all__ = ["ModelConfig", "TrainConfig", "PruneConfig", "BenchConfig", "RecipeConfig", "load_config",
+__all__ = ["ModelConfig", "TrainConfig", "PruneConfig", "BenchConfig", "CompareConfig", "RecipeConfig", "load_config",
            "apply_overrides", "RECIPES", "TASKS"]
 
-RECIPES = ("convert", "finetune", "prune", "eval", "demo")
+RECIPES = ("convert", "finetune", "prune", "eval", "demo", "compare")
 
 
 class ConfigError(ValueError):
@@ -65,11 +65,18 @@ class ModelConfig:
     variant: str | None = "mha"  # headmods variant swapped in (None: keep the host attention)
     variant_config: dict[str, Any] = field(default_factory=dict)
     task: str = "classification"
+    scratch: dict[str, Any] | None = None  # a transformers config (model_type + sizes): a fresh model
+    tokenizer: str | None = None  # with scratch: "bpe:VOCAB" trains a BPE tokenizer on the training split
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
-        if self.source is None and self.checkpoint is None:
+        if self.scratch is not None:
+            if not isinstance(self.scratch, dict) or "model_type" not in self.scratch:
+                raise ValueError("model.scratch must be a mapping with a model_type (e.g. llama) and sizes")
+            if self.tokenizer is None:
+                raise ValueError("model.scratch needs model.tokenizer (e.g. bpe:512)")
+        elif self.source is None and self.checkpoint is None:
             raise ValueError("give model.source (a checkpoint name or path) or model.checkpoint (a headmods folder)")
         if self.variant is not None:
             from ..registry import get_variant
@@ -87,7 +94,7 @@ class TrainConfig:
     lr: float = 5e-5
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
-    aux_weight: float = 0.01  # weight of routed layers' aux losses (collect_aux_losses)
+    aux_weight: float = 1.0  # multiplier on the mean over layers of routed layers' (already weighted) aux losses
     checkpoint_every_n_steps: int = 50  # resumable Lightning checkpoint (last.ckpt)
     log_every_n_steps: int = 10
     seed: int = 0
@@ -145,6 +152,27 @@ class BenchConfig:
 
 
 @dataclass(frozen=True)
+class CompareConfig:
+    """Variants trained from the same random init, per seed, at equal steps (the ``compare`` recipe)."""
+
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {variant, variant_config}
+    seeds: tuple[int, ...] = (0,)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "seeds", tuple(self.seeds))
+        if not self.variants:
+            raise ValueError("compare.variants needs at least one entry: name -> {variant: ..., variant_config: {...}}")
+        for name, spec in self.variants.items():
+            if not isinstance(spec, dict) or set(spec) - {"variant", "variant_config"} or "variant" not in spec:
+                raise ValueError(f"compare.variants.{name} must be {{variant: NAME, variant_config: {{...}}}}, got {spec!r}")
+            from ..registry import get_variant
+
+            get_variant(spec["variant"])
+        if not self.seeds:
+            raise ValueError("compare.seeds needs at least one seed")
+
+
+@dataclass(frozen=True)
 class RecipeConfig:
     """A whole recipe run."""
 
@@ -155,12 +183,15 @@ class RecipeConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    compare: CompareConfig | None = None
     verify: bool = True  # convert: check the converted model against the source on real inputs
 
     def __post_init__(self) -> None:
         if self.recipe not in RECIPES:
             raise ValueError(f"recipe must be one of {RECIPES}, got {self.recipe!r}")
-        if self.recipe in ("finetune", "prune", "eval", "demo") and self.data is None:
+        if self.recipe == "compare" and (self.compare is None or self.model.scratch is None):
+            raise ValueError("the compare recipe needs a compare section and model.scratch (models from scratch)")
+        if self.recipe in ("finetune", "prune", "eval", "demo", "compare") and self.data is None:
             raise ValueError(f"the {self.recipe} recipe needs a data section")
         if (self.recipe == "convert" and self.model.task == "classification" and self.data is None
                 and self.model.checkpoint is None):
@@ -174,6 +205,8 @@ class RecipeConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"{where} must be a YAML mapping, got {type(data).__name__}")
         sections = {"model": ModelConfig, "train": TrainConfig, "prune": PruneConfig, "bench": BenchConfig}
+        if data.get("compare") is not None:
+            sections["compare"] = CompareConfig
         known = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(data) - set(known))
         if unknown:

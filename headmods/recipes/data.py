@@ -27,6 +27,7 @@ import lightning
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from .scratch import BPEFactory
 from .text_sources import SAMPLE_BY, bbc_folder, load_local, passkey_samples, pydoc_texts
 
 __all__ = ["DATA_KINDS", "TASKS", "Collator", "DataConfig", "RecipeDataModule", "ResumableLoader", "StepStream"]
@@ -301,6 +302,8 @@ class RecipeDataModule(lightning.LightningDataModule):
             texts = [texts[i] for i in keep.tolist()]
             labels = None if labels is None else [labels[i] for i in keep.tolist()]
         splits = dict(zip(("train", "val"), self._split(labels, len(texts))))
+        if isinstance(self.tokenizer, BPEFactory):  # trained on the training split only
+            self.tokenizer = self.tokenizer([texts[i] for i in splits["train"]])
         self._info = {"documents": {name: len(idx) for name, idx in splits.items()}}
         data = {}
         for name, idx in splits.items():

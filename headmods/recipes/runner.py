@@ -182,6 +182,11 @@ class RecipeRun:
             diff = float((a - b).abs().max())
             self.report.add_metric("convert.max_abs_diff", diff)
             self.log(f"[verify] max |source - converted| over the base model's hidden states = {diff:.3g}")
+            if cfg.data is not None and cfg.model.task == "causal-lm":
+                self.evaluate(reference, "source")
+            del reference
+        if cfg.data is not None and cfg.model.task == "causal-lm":
+            self.evaluate(model, "converted")
         if cfg.data is not None and cfg.train.max_steps > 0:
             if not self.train(model, "calibrate", cfg.train.max_steps):
                 return False
@@ -223,6 +228,43 @@ class RecipeRun:
         self.report.tradeoff = points
         self.bench({"unpruned": _base(unpruned), "pruned": _base(model)})
         self.save(model, tokenizer, "model")
+        return True
+
+    def _compare(self) -> bool:
+        """Each variant from the same random init per seed, trained for the same steps."""
+        from ..swap import swap
+        from .scratch import parse_tokenizer_spec, scratch_model
+
+        cfg = self.config
+        self.dm = self.data(parse_tokenizer_spec(cfg.model.tokenizer))
+        tokenizer = self.dm.tokenizer
+        rows = []
+        for seed in cfg.compare.seeds:
+            for name, spec in cfg.compare.variants.items():
+                L.seed_everything(seed, workers=True, verbose=False)
+                model = scratch_model(cfg.model.scratch, tokenizer)
+                swap(model, spec["variant"], **spec.get("variant_config", {}))
+                stage = f"{name}-seed{seed}"
+                if not self.train(model, stage, cfg.train.max_steps):
+                    return False
+                metrics = self.evaluate(model, stage)
+                rows.append({"variant": name, "seed": seed, **metrics})
+        reference = next(iter(cfg.compare.variants))
+        summary = []
+        for name in cfg.compare.variants:
+            losses = [r["val_loss"] for r in rows if r["variant"] == name]
+            mean = sum(losses) / len(losses)
+            params = next(r["params"] for r in rows if r["variant"] == name)
+            summary.append({"variant": name, "seeds": len(losses), "mean val_loss": mean, "params": params})
+        ref_loss = summary[0]["mean val_loss"]
+        for row in summary:
+            row[f"vs {reference}"] = row["mean val_loss"] / ref_loss - 1
+            self.report.add_metric(f"compare.{row['variant']}.mean_val_loss", row["mean val_loss"])
+            self.report.add_metric(f"compare.{row['variant']}.relative_to_{reference}", row[f"vs {reference}"])
+        self.report.add_section("Comparison", f"Every variant starts from the same random init for each seed and "
+                                f"trains {cfg.train.max_steps} steps on the same batches; relative = mean val_loss / "
+                                f"{reference}'s - 1.\n\n" + markdown_table(summary) + "\n\nPer run:\n\n"
+                                + markdown_table(rows))
         return True
 
     def _demo(self) -> bool:

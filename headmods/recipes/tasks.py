@@ -6,8 +6,9 @@
   negative log-likelihood and the token count, both accumulated with ``torchmetrics.SumMetric``
   (``torchmetrics.text.Perplexity`` would materialize a softmax over the vocabulary).
 
-Both add ``aux_weight * headmods.collect_aux_losses(model)`` to the training loss (routed layers'
-load-balance terms), use AdamW with linear warm-up and decay, and keep torch's RNG state in their
+Both add ``aux_weight * headmods.collect_aux_losses(model, "mean")`` to the training loss (routed
+layers' load-balance terms, each already weighted by its layer config; ``aux_weight`` defaults to
+1), use AdamW with linear warm-up and decay, and keep torch's RNG state in their
 Lightning checkpoints so a resumed run draws the same dropout masks as an uninterrupted one.
 """
 
@@ -42,7 +43,7 @@ class RecipeTask(L.LightningModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss = self.task_loss(batch)
-        aux = collect_aux_losses(self.model)
+        aux = collect_aux_losses(self.model, reduction="mean")
         if aux is not None and self.aux_weight:
             self.log("train_aux", aux.detach(), batch_size=batch["input_ids"].size(0))
             loss = loss + self.aux_weight * aux

@@ -32,7 +32,8 @@ def _run(name: str, out: Path, *extra: str) -> Path:
 
 def test_every_shipped_recipe_is_covered_below():
     assert SHIPPED == {"convert_minilm_mha", "minilm_bbc_finetune", "minilm_bbc_prune", "minilm_bbc_eval",
-                       "demo_minilm_bbc", "smollm2_pydoc_finetune", "smollm2_pydoc_eval"}
+                       "demo_minilm_bbc", "smollm2_pydoc_finetune", "smollm2_pydoc_eval",
+                       "smollm2_moh_qnorm_convert", "minilm_moh_bbc_finetune", "compare_moh_pydoc_scratch"}
     for name, path, summary in list_recipes():
         first = path.read_text().splitlines()[0]
         assert first.startswith("# headmods ") and summary, f"{name} must open with its command and a summary"
@@ -86,6 +87,33 @@ def test_smollm2_recipes(tmp_path):
     ev = _run("smollm2_pydoc_eval", tmp_path / "ev", f"model.checkpoint={out / 'model'}", "data.limit=12",
               "data.max_length=64")
     assert json.loads((ev / "metrics.json").read_text())["eval"]["val_ppl"] > 1
+
+
+def test_minilm_moh_finetune_recipe(tmp_path):
+    out = _run("minilm_moh_bbc_finetune", tmp_path)
+    model = headmods.load(out / "model")
+    attn = model.bert.encoder.layer[0].attention
+    assert type(attn).variant == "moh" and attn.config.shared_heads == 3 and attn.config.active_routed == 6
+    assert "val_accuracy" in json.loads((out / "metrics.json").read_text())["finetune"]
+
+
+@pytest.mark.slow
+def test_smollm2_moh_qnorm_convert_recipe(tmp_path):
+    out = _run("smollm2_moh_qnorm_convert", tmp_path, "data.limit=12", "data.max_length=64")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"source", "converted", "calibrate"} <= set(metrics)
+    assert metrics["converted"]["val_ppl"] >= metrics["source"]["val_ppl"] * 0.5
+    model = headmods.load(out / "model")
+    assert model.model.layers[0].self_attn.config.router == "qnorm"
+
+
+def test_compare_recipe(tmp_path):
+    out = _run("compare_moh_pydoc_scratch", tmp_path, "data.limit=24", "model.scratch.hidden_size=64",
+               "model.scratch.intermediate_size=96", "model.scratch.num_hidden_layers=2", "compare.seeds=[0]",
+               "model.tokenizer=bpe:320", "data.max_length=32")
+    metrics = json.loads((out / "metrics.json").read_text())["compare"]
+    assert set(metrics) == {"mha", "moh75", "moh50"} and metrics["mha"]["relative_to_mha"] == 0.0
+    assert "Comparison" in (out / "report.md").read_text()
 
 
 class Crash(Exception):
