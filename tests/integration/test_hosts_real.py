@@ -104,3 +104,32 @@ def test_minilm_half_heads_pruned_by_ablation(minilm_swapped, minilm_tokenizer, 
     stock = AutoModel.from_pretrained(tmp_path / "pruned-hf").eval()
     assert type(stock).__name__ == "BertModel" and stock.config.num_attention_heads == 6
     torch.testing.assert_close(embed(stock, minilm_tokenizer, sentences), pruned_emb, atol=1e-5, rtol=0)
+
+
+def test_minilm_moh_with_all_heads_and_neutral_router_keeps_embeddings(minilm, minilm_tokenizer, bbc_sentences):
+    model = copy.deepcopy(minilm)
+    headmods.swap(model, "moh", shared_heads=4, active_routed=8, router_init="zero")
+    attn = model.encoder.layer[0].attention
+    assert type(attn).variant == "moh" and attn.config.routed_heads == 8
+    ref = embed(minilm, minilm_tokenizer, bbc_sentences[:16])
+    torch.testing.assert_close(embed(model, minilm_tokenizer, bbc_sentences[:16]), ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_smollm2_moh_qnorm_with_all_heads_keeps_logits_and_saves(smollm2, smollm2_tokenizer, tmp_path):
+    prompt = smollm2_tokenizer(["The capital of France is", "Water boils at"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        ref = smollm2(**prompt).logits
+    model = copy.deepcopy(smollm2)
+    headmods.swap(model, "moh", shared_heads=4, active_routed=5, router="qnorm")
+    keep = prompt["attention_mask"].bool()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**prompt).logits[keep], ref[keep], atol=1e-4, rtol=0)
+    # the 78 %-active conversion changes the function; it must still load back exactly
+    sparse = copy.deepcopy(smollm2)
+    headmods.swap(sparse, "moh", shared_heads=4, active_routed=3, router="qnorm")
+    headmods.save(sparse, tmp_path / "moh")
+    loaded = headmods.load(tmp_path / "moh")
+    ids = smollm2_tokenizer(["Python lists are mutable sequences."], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, sparse(ids).logits, atol=0, rtol=0)

@@ -260,3 +260,18 @@ def test_registered_attention_function_keeps_the_causal_mask(ids, padding):
         torch.testing.assert_close(no_pad, model(ids).logits, atol=1e-5, rtol=1e-5)  # causal kept
     with pytest.raises(ValueError, match="unknown mask builder 'nope'"):
         register_attention("headmods_bad", mask="nope")
+
+
+def test_padding_only_hf_masks_become_key_bias():
+    from headmods.integrations.hf.common import hf_mask
+
+    keys = torch.tensor([[True, True, True, False], [False, True, True, True]])  # (B, Tk)
+    square = keys[:, None, None, :].expand(2, 1, 4, 4).clone()
+    m = hf_mask(square, causal=False)
+    assert m.bias.shape == (2, 1, 1, 4) and not m.causal
+    causal = square & torch.ones(4, 4, dtype=torch.bool).tril()
+    m = hf_mask(causal, causal=True)
+    assert m.bias.shape == (2, 1, 1, 4) and m.causal
+    odd = causal.clone()
+    odd[0, 0, 2, 0] = False  # not padding, not causal: kept as a full mask
+    assert hf_mask(odd, causal=True).bias.shape == (2, 1, 4, 4)

@@ -38,9 +38,28 @@ def hf_mask(attention_mask: Tensor | None, *, causal: bool) -> AttentionMask:
     if attention_mask.dim() == 2:
         return from_hf_padding(attention_mask, causal=causal)
     if attention_mask.dim() == 4:
-        return from_sdpa(attention_mask)
+        return _structured(attention_mask, causal) or from_sdpa(attention_mask)
     raise ValueError(f"expected a transformers attention mask of shape (batch, key_len) or "
                      f"(batch, 1, query_len, key_len), got {tuple(attention_mask.shape)}")
+
+
+def _structured(mask: Tensor, causal: bool) -> AttentionMask | None:
+    """A 4-D bool mask that is just key padding (plus causality for a causal host), as a
+    ``(B, 1, 1, Tk)`` key bias with the causal flag; None when it is anything else.
+
+    transformers materializes ``(B, 1, Tq, Tk)`` masks even for plain padding; recognizing them
+    (one comparison, O(B Tq Tk) booleans) lets layers keep their fast paths (SDPA's causal kernel,
+    MoH's sparse execution) on padded batches.
+    """
+    if mask.dtype != torch.bool or mask.size(1) != 1:
+        return None
+    keys = mask[:, :, -1:, :]  # the last query sees every non-padding key, causal or not
+    q_len, k_len = mask.shape[-2:]
+    expected = keys & torch.ones(q_len, k_len, dtype=torch.bool, device=mask.device).tril(k_len - q_len) \
+        if causal else keys.expand_as(mask)
+    if not torch.equal(mask, expected):
+        return None
+    return AttentionMask(None if bool(keys.all()) else from_sdpa(keys).bias, causal)
 
 
 class HFCacheView:
