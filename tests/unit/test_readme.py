@@ -14,3 +14,16 @@ def test_readme_layer_contract_example_runs():
     exec(compile(block, str(README), "exec"), namespace)
     assert namespace["out"].shape == (2, 128, 768)
     assert namespace["gqa"].num_heads == 6
+
+
+def test_readme_moh_example_runs():
+    section = README.read_text().split("## MoH:", 1)[1]
+    block = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
+    namespace: dict = {}
+    exec(compile(block, str(README), "exec"), namespace)
+    assert namespace["out"].shape == (1, 2048, 768) and namespace["moh"].last_usage.shape == (10,)
+    x = namespace["x"][:, :16]
+    with __import__("torch").no_grad():
+        a = namespace["same"](x)[0]
+        b = namespace["mha"](x, x, x)[0]
+    assert (a - b).abs().max() < 1e-5
