@@ -118,6 +118,7 @@ class RunReport:
     metrics: dict[str, Any] = field(default_factory=dict)
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     head_scores: dict[str, list[float]] | None = None
+    head_usage: dict[str, list[float]] | None = None
     kept_heads: dict[str, list[int]] | None = None
     tradeoff: list[dict[str, Any]] = field(default_factory=list)
     latency: list[dict[str, Any]] = field(default_factory=list)
@@ -215,6 +216,9 @@ class RunReport:
             parts.append("## Training curves\n\n![Training curves](loss.png)")
         if "head_importance.png" in plots or self.kept_heads:
             parts.append(self._heads_markdown("head_importance.png" in plots))
+        if "head_usage.png" in plots:
+            parts.append("## Head usage\n\nFraction of tokens routed to each routed head (usage EMA over the run's "
+                         "forwards; 0 = never chosen).\n\n![Routed-head usage](head_usage.png)")
         if "tradeoff.png" in plots or self.tradeoff:
             img = "![Accuracy against parameters](tradeoff.png)\n\n" if "tradeoff.png" in plots else ""
             parts.append("## Accuracy against parameters\n\n" + img + markdown_table(self.tradeoff))
@@ -231,6 +235,8 @@ class RunReport:
             data["loss.png"] = self.curves
         if self.head_scores and any(len(v) for v in self.head_scores.values()):
             data["head_importance.png"] = self.head_scores
+        if self.head_usage and any(len(v) for v in self.head_usage.values()):
+            data["head_usage.png"] = self.head_usage
         if self.tradeoff:
             data["tradeoff.png"] = self.tradeoff
         if self.latency:
@@ -247,6 +253,9 @@ class RunReport:
             written["head_importance.png"] = plot_heatmap(out / "head_importance.png", self.head_scores,
                                                           title="Head importance", cbar_label="importance",
                                                           marks=marks or None)
+        if "head_usage.png" in data:
+            written["head_usage.png"] = plot_heatmap(out / "head_usage.png", self.head_usage,
+                                                     title="Routed-head usage", cbar_label="fraction of tokens")
         if "tradeoff.png" in data:
             written["tradeoff.png"] = plot_tradeoff(out / "tradeoff.png", self.tradeoff,
                                                     title="Accuracy against parameters")

@@ -133,6 +133,7 @@ class RecipeRun:
         return plan.to_dict()
 
     def save(self, model: nn.Module, tokenizer: Any, name: str, source: Any = None) -> Path:
+        self.usage(model)
         folder = save(model, self.out / name, tokenizer=tokenizer, source=source, overwrite=True,
                       provenance={"recipe": self.config.recipe, "seed": self.config.train.seed},
                       card={"metrics": {k: v for k, v in _flat(self.report.metrics).items() if "val_" in k}})
@@ -140,6 +141,15 @@ class RecipeRun:
         return folder
 
     # -- recipes -----------------------------------------------------------------------------------
+    def usage(self, model: nn.Module) -> None:
+        """Routed layers' usage statistics (``usage`` EMA buffers) into the report's heatmap."""
+        from ..layers.base import HeadAttention
+
+        usage = {path: m.usage.tolist() for path, m in model.named_modules()
+                 if isinstance(m, HeadAttention) and isinstance(getattr(m, "usage", None), torch.Tensor)}
+        if usage:
+            self.report.head_usage = usage
+
     def run(self) -> RunReport:
         L.seed_everything(self.config.train.seed, workers=True, verbose=False)
         recipe = getattr(self, f"_{self.config.recipe}")

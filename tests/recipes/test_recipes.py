@@ -95,6 +95,7 @@ def test_minilm_moh_finetune_recipe(tmp_path):
     attn = model.bert.encoder.layer[0].attention
     assert type(attn).variant == "moh" and attn.config.shared_heads == 3 and attn.config.active_routed == 6
     assert "val_accuracy" in json.loads((out / "metrics.json").read_text())["finetune"]
+    assert (out / "head_usage.png").is_file() and "## Head usage" in (out / "report.md").read_text()
 
 
 @pytest.mark.slow

@@ -172,7 +172,6 @@ def test_aux_loss_is_K_at_a_uniform_router():
 
 def test_qnorm_routes_to_the_largest_query_norms():
     moh = _moh(shared_heads=1, active_routed=2, router="qnorm", bias=False)
-    d = E // H
     with torch.no_grad():
         moh.q_proj.weight.zero_()
         for head, scale in ((1, 1.0), (2, 5.0), (3, 0.5), (4, 3.0), (5, 2.0)):  # routed heads 0..4
@@ -218,3 +217,23 @@ def test_config_defaults_and_round_trip():
     c = MoHAttention(E, H).config
     assert (c.shared_heads, c.active_routed, c.routed_heads) == (2, 2, 4)
     assert type(c).from_json(c.to_json()) == c
+
+
+def test_shared_heads_chosen_by_importance():
+    from headmods.convert.moh import shared_from_scores, swap_moh
+
+    assert shared_from_scores({"a": [0.1, 0.9, 0.5, 0.9]}, 2) == {"a": [1, 3]}
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(E, H, 64, dropout=0.0, batch_first=True), 2).eval()
+    x = torch.randn(B, T, E)
+    with torch.no_grad():
+        ref = encoder(x)
+    scores = {"layers.0.self_attn": torch.tensor([0.0, 0.0, 3.0, 0.0, 2.0, 0.0]),
+              "layers.1.self_attn": torch.arange(6.0)}
+    report = swap_moh(encoder, scores, shared_heads=2, active_routed=4, router_init="zero")
+    assert report.paths == ["layers.0.self_attn", "layers.1.self_attn"]
+    first = encoder.layers[0].self_attn
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(x), ref, atol=1e-5, rtol=1e-5)  # all heads on: still MHA
+    assert first.config.shared_heads == 2 and first.q_proj.weight.shape == (E, E)
+    with pytest.raises(ValueError, match="has 6 heads; cannot share 7"):
+        shared_from_scores({"x": [0.0] * 6}, 7)
