@@ -113,7 +113,7 @@ def test_compare_recipe(tmp_path):
                "model.scratch.intermediate_size=96", "model.scratch.num_hidden_layers=2", "compare.seeds=[0]",
                "model.tokenizer=bpe:320", "data.max_length=32")
     metrics = json.loads((out / "metrics.json").read_text())["compare"]
-    assert set(metrics) == {"mha", "moh75", "moh50"} and metrics["mha"]["relative_to_mha"] == 0.0
+    assert set(metrics) == {"mha", "moh100", "moh75", "moh50"} and metrics["mha"]["relative_to_mha"] == 0.0
     assert "Comparison" in (out / "report.md").read_text()
 
 

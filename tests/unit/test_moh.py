@@ -172,6 +172,7 @@ def test_aux_loss_is_K_at_a_uniform_router():
 
 def test_qnorm_routes_to_the_largest_query_norms():
     moh = _moh(shared_heads=1, active_routed=2, router="qnorm", bias=False)
+    d = E // H
     with torch.no_grad():
         moh.q_proj.weight.zero_()
         for head, scale in ((1, 1.0), (2, 5.0), (3, 0.5), (4, 3.0), (5, 2.0)):  # routed heads 0..4
