@@ -12,6 +12,8 @@ from .layers import (
     MoHConfig,
     MultiHeadAttention,
     Projections,
+    SHRPAttention,
+    SHRPConfig,
     collect_aux_losses,
 )
 from .registry import create, get_variant, list_variants, register_variant
@@ -28,6 +30,8 @@ __all__ = [
     "MoHConfig",
     "MultiHeadAttention",
     "Projections",
+    "SHRPAttention",
+    "SHRPConfig",
     "collect_aux_losses",
     "create",
     "get_variant",

@@ -4,8 +4,9 @@ from .base import CacheLike, HeadAttention, Projections, collect_aux_losses, rea
 from .config import AttentionConfig
 from .mha import MultiHeadAttention
 from .moh import MoHAttention, MoHConfig
+from .shrp import SHRPAttention, SHRPConfig
 
 __all__ = [
-    "AttentionConfig", "CacheLike", "HeadAttention", "MoHAttention", "MoHConfig", "MultiHeadAttention", "Projections",
+    "AttentionConfig", "CacheLike", "HeadAttention", "MoHAttention", "MoHConfig", "SHRPAttention", "SHRPConfig", "MultiHeadAttention", "Projections",
     "collect_aux_losses", "read_mha",
 ]

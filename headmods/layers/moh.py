@@ -55,6 +55,7 @@ from .base import CacheLike, Projections
 from .config import AttentionConfig
 from .mha import MultiHeadAttention, project
 from .moh_router import MoHRouter, Routing
+from .usage import UsageEMA
 
 __all__ = ["MoHConfig", "MoHAttention"]
 
@@ -124,8 +125,13 @@ class MoHAttention(MultiHeadAttention):
         c = self.config
         self.router = MoHRouter(c.embed_dim, c.shared_heads, c.routed_heads, c.active_routed, c.router,
                                 init=c.router_init, device=device, dtype=dtype)
-        self.register_buffer("usage", torch.zeros(c.routed_heads, device=device), persistent=False)
+        self.usage_ema = UsageEMA(c.routed_heads, c.usage_decay, device=device)
         self.last_usage: Tensor = torch.zeros(c.routed_heads, device=device)  # f_i of the last forward
+
+    @property
+    def usage(self) -> Tensor:
+        """Fraction of tokens routed to each routed head, averaged over forwards (bias-corrected EMA)."""
+        return self.usage_ema.value()
 
     # -- conversion ----------------------------------------------------------------------------
     @classmethod
@@ -184,8 +190,7 @@ class MoHAttention(MultiHeadAttention):
             with torch.no_grad():
                 f = routing.select.flatten(0, -2).float().mean(0)  # (h_r,) fraction of tokens per head
                 self.last_usage = f
-                d = self.config.usage_decay
-                self.usage.mul_(d).add_((1 - d) * f.to(self.usage.device))
+                self.usage_ema.update(f)
         balance = routing.load_balance() if self.training else None
         self.aux_loss = None if balance is None else self.config.aux_weight * balance
         return routing
@@ -237,7 +242,7 @@ class MoHAttention(MultiHeadAttention):
             raise ValueError(f"keeping heads {keep} leaves no head active (no shared head, no routed head)")
         super().prune_heads(keep)
         self.router.keep(shared_keep, routed_keep, active)
-        self.usage = self.usage[routed_keep].clone()
+        self.usage_ema.keep(routed_keep)
         self.last_usage = self.last_usage[routed_keep].clone()
         return self
 
