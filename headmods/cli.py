@@ -2,7 +2,7 @@
 
     headmods ls                          variants, shipped recipes, known checkpoints
     headmods cp RECIPE DST               copy a shipped recipe to edit
-    headmods convert|finetune|prune|eval|compare --config RECIPE [key=value ...]
+    headmods convert|finetune|prune|eval|compare|shrp --config RECIPE [key=value ...]
     headmods bench (--ckpt DIR | --variant NAME) [--batch B --seq-len T]
     headmods export --ckpt DIR --out DIR [--to hf]
     headmods demo [--out DIR] [key=value ...]
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from . import __version__
 
-STAGES = ("convert", "finetune", "prune", "eval", "compare")
+STAGES = ("convert", "finetune", "prune", "eval", "compare", "shrp")
 DEMO_RECIPE = "demo_minilm_bbc"
 
 
@@ -68,7 +68,7 @@ def _run(args: argparse.Namespace, recipe_file: str, overrides: list[str]) -> in
 
     path = find_recipe(recipe_file)
     config = load_config(path, overrides)
-    if config.recipe != args.command:
+    if config.recipe != args.command and args.command != "demo":
         raise ValueError(f"{path} is a {config.recipe!r} recipe; run it with `headmods {config.recipe}`")
     command = shlex.join(["headmods", *sys.argv[1:]]) if sys.argv[1:2] == [args.command] else None
     report = run_recipe(config, command=command)
@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     helps = {"convert": "source checkpoint + variant -> headmods folder (optionally calibrated)",
              "finetune": "fine-tune a model on local data (Lightning)", "prune": "score heads, prune, save, recover",
              "eval": "evaluate a headmods folder on local data",
-             "compare": "train variants from the same random init at equal steps and compare"}
+             "compare": "train variants from the same random init at equal steps and compare",
+             "shrp": "SHRP: fine-tune with top-1 head routing, prune heads by usage, recover, compare with MHA"}
     for stage in STAGES:
         p = sub.add_parser(stage, help=helps[stage], description=f"{helps[stage]}. Overrides use dotted keys, "
                            "e.g. train.max_steps=20 data.path=my/texts.")

@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from ..functional.attend import attend
 from ..functional.masks import AttentionMask
 from ..functional.rope import apply_rope
+from ..functional.routed import routed_attention
 from ..registry import register_variant
 from .base import CacheLike
 from .config import AttentionConfig
@@ -161,6 +162,10 @@ class SHRPAttention(MultiHeadAttention):
             logits = logits.float()  # routing decisions in at least float32
         probs = (logits / self.temperature).softmax(-1)  # (B, Tq, h)
         choice = probs.argmax(-1)  # (B, Tq) top-1 head per token
+        if self._sparse(query, mask, need_weights):
+            out = self._sparse_forward(query, key, value, mask, rope, cache, probs, choice)
+            self._statistics(query, out, probs, choice)
+            return out, None
         q = project(query, self.q_proj).view(B, Tq, c.num_heads, c.head_dim).transpose(1, 2)  # (B, h, Tq, d)
         k = project(key, self.k_proj).view(B, Tk, c.num_kv_heads, c.head_dim).transpose(1, 2)
         v = project(value, self.v_proj).view(B, Tk, c.num_kv_heads, c.head_dim).transpose(1, 2)
@@ -179,6 +184,38 @@ class SHRPAttention(MultiHeadAttention):
             out = out + self.o_proj.bias
         self._statistics(query, out, probs, choice)
         return out, weights
+
+    def _sparse(self, query: Tensor, mask: AttentionMask, need_weights: bool) -> bool:
+        """Only the chosen (token, head) pairs when no gradient is needed (and the mask is per key)."""
+        if need_weights or self.config.impl not in ("auto", "sdpa") or torch.is_grad_enabled():
+            return False
+        return mask.bias is None or mask.bias.size(-2) == 1
+
+    def _sparse_forward(self, query: Tensor, key: Tensor, value: Tensor, mask: AttentionMask,
+                        rope: tuple[Tensor, Tensor] | None, cache: CacheLike | None, probs: Tensor,
+                        choice: Tensor) -> Tensor:
+        """Each token's chosen head only: :func:`routed_attention` with a one-hot gate, its output
+        projection per head widened by the expander's first layer, ``[W_O^i ; W_1]``, so one pass
+        yields both the head's MHA term and the expander's hidden pre-activation."""
+        c = self.config
+        B, Tq, Tk = query.size(0), query.size(1), key.size(1)
+        k = project(key, self.k_proj).view(B, Tk, c.num_heads, c.head_dim).transpose(1, 2)  # (B, h, Tk, d)
+        v = project(value, self.v_proj).view(B, Tk, c.num_heads, c.head_dim).transpose(1, 2)
+        if rope is not None:
+            k = apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(k, v)
+        w1 = self.expander[0].weight  # (r d, d)
+        w_o = self.o_proj.weight.view(c.embed_dim, c.num_heads, c.head_dim)
+        wide = torch.cat([w_o, w1[:, None, :].expand(-1, c.num_heads, -1)], dim=0)  # (D + r d, h, d)
+        gate = F.one_hot(choice, c.num_heads).to(query.dtype)  # (B, Tq, h): st(p) = 1 in value
+        key_bias = None if mask.bias is None else mask.bias.expand(B, 1, 1, -1)
+        z = routed_attention(query, self.q_proj.weight, self.q_proj.bias, wide.reshape(wide.size(0), -1), k, v,
+                             list(range(c.num_heads)), gate, rope=rope, causal=mask.causal,
+                             q_offset=k.size(2) - Tq, key_bias=key_bias, scale=c.scale)  # (B, Tq, D + r d)
+        hidden = self.expander[1](z[..., c.embed_dim:] + self.expander[0].bias)
+        out = z[..., :c.embed_dim] + self.expander[2](hidden)
+        return out if self.o_proj.bias is None else out + self.o_proj.bias
 
     def _chosen_projection(self, heads: Tensor, chosen: Tensor, choice: Tensor) -> Tensor:
         """Each token's chosen head through that head's slice of W_O (no bias): ``(B, Tq, D)``."""

@@ -27,7 +27,7 @@ from .data import DataConfig, TASKS
 __all__ = ["ModelConfig", "TrainConfig", "PruneConfig", "BenchConfig", "CompareConfig", "RecipeConfig", "load_config",
            "apply_overrides", "RECIPES", "TASKS"]
 
-RECIPES = ("convert", "finetune", "prune", "eval", "demo", "compare")
+RECIPES = ("convert", "finetune", "prune", "eval", "demo", "compare", "shrp")
 
 
 class ConfigError(ValueError):
@@ -152,6 +152,25 @@ class BenchConfig:
 
 
 @dataclass(frozen=True)
+class SHRPStageConfig:
+    """The SHRP pipeline: usage pruning threshold, the threshold sweep, dropping attention sublayers."""
+
+    threshold: float = 0.05  # keep heads routed at least this fraction of calibration tokens
+    sweep: tuple[float, ...] = (0.0, 0.02, 0.05, 0.1, 0.2)  # thresholds for the accuracy-vs-parameters curve
+    drop_below: float | None = None  # also drop attention sublayers contributing less (||y|| / ||x||)
+    baseline: bool = True  # fine-tune plain MHA with the same settings for comparison
+    extreme_keep_layers: int | None = 1  # the extreme setting: attention kept in this many layers
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sweep", tuple(self.sweep))
+        for value in (self.threshold, *self.sweep):
+            if not 0 <= value <= 1:
+                raise ValueError(f"usage thresholds must be fractions in [0, 1], got {value!r}")
+        if self.extreme_keep_layers is not None:
+            _positive("extreme_keep_layers", self.extreme_keep_layers)
+
+
+@dataclass(frozen=True)
 class CompareConfig:
     """Variants trained from the same random init, per seed, at equal steps (the ``compare`` recipe)."""
 
@@ -184,6 +203,7 @@ class RecipeConfig:
     prune: PruneConfig = field(default_factory=PruneConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     compare: CompareConfig | None = None
+    shrp: SHRPStageConfig = field(default_factory=SHRPStageConfig)
     verify: bool = True  # convert: check the converted model against the source on real inputs
 
     def __post_init__(self) -> None:
@@ -191,7 +211,7 @@ class RecipeConfig:
             raise ValueError(f"recipe must be one of {RECIPES}, got {self.recipe!r}")
         if self.recipe == "compare" and (self.compare is None or self.model.scratch is None):
             raise ValueError("the compare recipe needs a compare section and model.scratch (models from scratch)")
-        if self.recipe in ("finetune", "prune", "eval", "demo", "compare") and self.data is None:
+        if self.recipe in ("finetune", "prune", "eval", "demo", "compare", "shrp") and self.data is None:
             raise ValueError(f"the {self.recipe} recipe needs a data section")
         if (self.recipe == "convert" and self.model.task == "classification" and self.data is None
                 and self.model.checkpoint is None):
@@ -204,7 +224,8 @@ class RecipeConfig:
     def from_dict(cls, data: Any, where: str = "recipe") -> "RecipeConfig":
         if not isinstance(data, dict):
             raise ConfigError(f"{where} must be a YAML mapping, got {type(data).__name__}")
-        sections = {"model": ModelConfig, "train": TrainConfig, "prune": PruneConfig, "bench": BenchConfig}
+        sections = {"model": ModelConfig, "train": TrainConfig, "prune": PruneConfig, "bench": BenchConfig,
+                    "shrp": SHRPStageConfig}
         if data.get("compare") is not None:
             sections["compare"] = CompareConfig
         known = [f.name for f in dataclasses.fields(cls)]

@@ -166,7 +166,8 @@ class RecipeRun:
             self.report.add_metric(f"model.{key}", value)
         return model, tokenizer, info
 
-    def _tokenizer_then_data(self) -> tuple[nn.Module, Any, dict[str, Any]]:
+    def _load_data(self) -> None:
+        """The data module, tokenized with the source's tokenizer (before the model: labels size its head)."""
         from ..convert import load_tokenizer, resolve_source
 
         cfg = self.config.model
@@ -174,6 +175,9 @@ class RecipeRun:
         if getattr(tokenizer, "pad_token", None) is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.dm = self.data(tokenizer)
+
+    def _tokenizer_then_data(self) -> tuple[nn.Module, Any, dict[str, Any]]:
+        self._load_data()
         return self._model()
 
     def _convert(self) -> bool:
@@ -276,6 +280,12 @@ class RecipeRun:
                                 f"{reference}'s - 1.\n\n" + markdown_table(summary) + "\n\nPer run:\n\n"
                                 + markdown_table(rows))
         return True
+
+    def _shrp(self) -> bool:
+        from .shrp_pipeline import run_shrp
+
+        self._load_data()
+        return run_shrp(self)
 
     def _demo(self) -> bool:
         model, tokenizer, info = self._tokenizer_then_data()

@@ -24,7 +24,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from .config import TrainConfig
 from .tasks import RecipeTask
 
-__all__ = ["LossHistory", "fit", "make_task"]
+__all__ = ["LossHistory", "ProgressSchedule", "fit", "make_task"]
 
 
 class LossHistory(Callback):
@@ -45,6 +45,20 @@ class LossHistory(Callback):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.points = [list(p) for p in state.get("points", [])]
+
+
+class ProgressSchedule(Callback):
+    """Tells layers with ``set_progress(fraction)`` (SHRP's temperature and load-balance annealing)
+    how far training is, before every step."""
+
+    def __init__(self, total_steps: int) -> None:
+        self.total = max(1, total_steps)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        fraction = trainer.global_step / self.total
+        for module in pl_module.modules():
+            if hasattr(module, "set_progress") and callable(module.set_progress):
+                module.set_progress(fraction)
 
 
 @contextlib.contextmanager
@@ -87,7 +101,7 @@ def fit(task: RecipeTask, datamodule: L.LightningDataModule, train: TrainConfig,
         trainer = L.Trainer(
             max_steps=steps, max_epochs=epochs, accelerator=train.accelerator, devices=train.devices,
             strategy=train.strategy, precision=train.precision, accumulate_grad_batches=train.accumulate_grad_batches,
-            callbacks=[history, ckpt, *callbacks], logger=False, enable_model_summary=False,
+            callbacks=[history, ckpt, ProgressSchedule(steps), *callbacks], logger=False, enable_model_summary=False,
             enable_progress_bar=train.progress_bar, limit_val_batches=0, num_sanity_val_steps=0,
             log_every_n_steps=train.log_every_n_steps, default_root_dir=str(stage_dir),
         )

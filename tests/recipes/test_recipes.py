@@ -33,7 +33,8 @@ def _run(name: str, out: Path, *extra: str) -> Path:
 def test_every_shipped_recipe_is_covered_below():
     assert SHIPPED == {"convert_minilm_mha", "minilm_bbc_finetune", "minilm_bbc_prune", "minilm_bbc_eval",
                        "demo_minilm_bbc", "smollm2_pydoc_finetune", "smollm2_pydoc_eval",
-                       "smollm2_moh_qnorm_convert", "minilm_moh_bbc_finetune", "compare_moh_pydoc_scratch"}
+                       "smollm2_moh_qnorm_convert", "minilm_moh_bbc_finetune", "compare_moh_pydoc_scratch",
+                       "minilm_shrp_bbc"}
     for name, path, summary in list_recipes():
         first = path.read_text().splitlines()[0]
         assert first.startswith("# headmods ") and summary, f"{name} must open with its command and a summary"
@@ -71,12 +72,32 @@ def test_prune_and_eval_recipes(tmp_path, minilm_finetuned):
     assert "val_accuracy" in json.loads((ev / "metrics.json").read_text())["eval"]
 
 
-def test_demo_recipe(tmp_path):
-    out = _run("demo_minilm_bbc", tmp_path)
+def test_demo_recipe_is_the_shrp_pipeline(tmp_path):
+    out = _run("demo_minilm_bbc", tmp_path, "data.limit=120", "shrp.sweep=[0.0,0.1]")
     metrics = json.loads((out / "metrics.json").read_text())
+    assert {"mha", "shrp", "shrp-pruned", "shrp-recovered", "shrp-extreme", "bench", "sweep"} <= set(metrics)
+    assert {"loss.png", "head_usage.png", "tradeoff.png", "latency.png"} <= {p.name for p in out.glob("*.png")}
+    model = headmods.load(out / "model")
+    assert type(model.bert.encoder.layer[0].attention).variant == "shrp"
+
+
+def test_structural_prune_after_finetune_in_one_demo_run(tmp_path):
+    """The previous demo pipeline (recipe: demo): fine-tune, structural prune, recover."""
+    config = load_config(dict((n, p) for n, p, _ in list_recipes())["minilm_bbc_finetune"],
+                         SMALL + [f"output_dir={tmp_path}", "recipe=demo", "prune.recover_steps=2"])
+    run_recipe(config, command="test demo")
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert {"finetune", "unpruned", "pruned", "recovered", "bench"} <= set(metrics)
-    assert {"loss.png", "head_importance.png", "tradeoff.png", "latency.png"} <= {p.name for p in out.glob("*.png")}
-    assert (out / "finetuned" / "headmods.json").is_file() and (out / "model" / "headmods.json").is_file()
+    assert {"loss.png", "head_importance.png", "tradeoff.png", "latency.png"} <= {p.name for p in tmp_path.glob("*.png")}
+    assert (tmp_path / "finetuned" / "headmods.json").is_file() and (tmp_path / "model" / "headmods.json").is_file()
+
+
+def test_minilm_shrp_recipe(tmp_path):
+    out = _run("minilm_shrp_bbc", tmp_path, "data.limit=120", "shrp.sweep=[0.05]", "shrp.baseline=false",
+               "shrp.extreme_keep_layers=null")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "mha" not in metrics and "shrp-extreme" not in metrics
+    assert set(metrics["sweep"]) == {"theta_0p05"} and "SHRP-style" in (out / "report.md").read_text()
 
 
 @pytest.mark.slow

@@ -151,3 +151,24 @@ def test_bad_input():
         SHRPAttention(E, H, num_kv_heads=2)
     with pytest.raises(ValueError, match="exactly one of threshold"):
         layer.prune_by_usage()
+
+
+def test_bert_host_with_a_dropped_attention_layer_saves_and_reloads(tmp_path):
+    from .test_swap import tiny_bert
+
+    model = tiny_bert()
+    headmods.swap(model, "shrp")
+    ids = torch.randint(1, 101, (2, 9))
+    with torch.no_grad():
+        model(ids)
+    model.encoder.layer[1].attention.drop_attention()
+    model.encoder.layer[0].attention.prune_by_usage(keep=2)
+    with torch.no_grad():
+        ref = model(ids).last_hidden_state
+    headmods.save(model, tmp_path / "ckpt")
+    loaded = headmods.load(tmp_path / "ckpt")
+    assert loaded.encoder.layer[1].attention.config.drop_attention
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).last_hidden_state, ref, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="'shrp'; only plain multi-head attention"):
+        headmods.export(loaded, tmp_path / "hf")
