@@ -76,15 +76,20 @@ class RecipeTask(L.LightningModule):
 
     @torch.no_grad()
     def evaluate(self, loader: Any) -> dict[str, float]:
-        """Run ``validation_step`` over ``loader`` outside a Trainer (eval mode), return the metrics."""
-        was_training = self.training
+        """Run ``validation_step`` over ``loader`` outside a Trainer (eval mode), return the metrics.
+
+        The wrapped model's modules get their own train/eval flags back afterwards (a task is
+        created in training mode; restoring *its* flag would switch dropout on in the model).
+        """
+        modes = {m: m.training for m in self.model.modules()}
         self.eval()
         try:
             for i, batch in enumerate(loader):
                 self.validation_step(batch, i)
             return {k: float(v) for k, v in self.compute_metrics().items()}
         finally:
-            self.train(was_training)
+            for module, mode in modes.items():
+                module.training = mode
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["headmods_rng"] = torch.get_rng_state()

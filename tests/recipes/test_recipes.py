@@ -259,3 +259,17 @@ def test_non_editable_install_ships_recipes_and_manifests(tmp_path):
     where = subprocess.run([sys.executable, "-c", "import headmods; print(headmods.__file__)"], capture_output=True,
                            text=True, env=env, cwd=tmp_path).stdout
     assert where.startswith(str(target))  # the installed copy answered, not the repository
+
+
+def test_evaluate_leaves_the_model_in_eval_mode(tiny_bert_dir):
+    from headmods.recipes.config import TrainConfig
+    from headmods.recipes.training import make_task
+    from headmods.convert import load_hf_model
+
+    model = load_hf_model(tiny_bert_dir, auto_class="AutoModelForSequenceClassification",
+                          allow_missing=("classifier.",), config_overrides={"num_labels": 2})
+    assert not model.training
+    batch = {"input_ids": torch.randint(1, 1000, (2, 5)), "attention_mask": torch.ones(2, 5, dtype=torch.long),
+             "labels": torch.tensor([0, 1])}
+    make_task(model, "classification", TrainConfig(), steps=1, num_labels=2).evaluate([batch])
+    assert not any(m.training for m in model.modules())
