@@ -124,7 +124,7 @@ def run_shrp(run: "RecipeRun") -> bool:
     for row in rows:
         row["retention"] = row[key] / reference[key] if key == "val_accuracy" else None
     run.report.tradeoff = points
-    run.report.add_section("SHRP", _explain(cfg, reference is base, key) + "\n\n" + markdown_table(rows)
+    run.report.add_section("SHRP", _explain(cfg, s.baseline, key) + "\n\n" + markdown_table(rows)
                            + "\n\nThreshold sweep (no recovery):\n\n" + markdown_table(points))
     for row in rows:
         run.report.add_metric(f"shrp_summary.{row['model']}", {k: v for k, v in row.items() if k != "model"})
