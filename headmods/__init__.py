@@ -7,6 +7,8 @@ Every layer is a drop-in for ``nn.MultiheadAttention`` (see :class:`HeadAttentio
 from .cache import KVCache
 from .layers import (
     AttentionConfig,
+    DHAAttention,
+    DHAConfig,
     HeadAttention,
     MoHAttention,
     MoHConfig,
@@ -24,6 +26,8 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "AttentionConfig",
+    "DHAAttention",
+    "DHAConfig",
     "HeadAttention",
     "KVCache",
     "MoHAttention",

@@ -1,7 +1,7 @@
 """A key/value cache for incremental decoding with headmods layers used natively.
 
 One :class:`KVCache` per attention layer holds the keys and values of past tokens,
-``(B, h_kv, T, d)``, after RoPE (so a cached key never needs rotating again). With
+``(B, h_kv, T, d)`` (DHA: ``n_k`` key heads and ``n_v`` value heads), after RoPE (so a cached key never needs rotating again). With
 ``max_len`` it allocates that length once and refuses to go past it; without, it grows by
 doubling, so appending ``n`` tokens one at a time copies O(n) elements in total, not O(n^2).
 
@@ -52,7 +52,7 @@ class KVCache(nn.Module):
         self.seq_len = 0
 
     def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Append ``k (B, h_kv, T, d)`` and ``v (B, h_kv, T, dv)``; return all keys and values so far."""
+        """Append ``k (B, n_k, T, d)`` and ``v (B, n_v, T, dv)``; return all keys and values so far."""
         self._check(k, v)
         if self.seq_len == 0 and self.k is not None and self._layout(self.k, self.v) != self._layout(k, v):
             self.k = self.v = None  # a new sequence of another shape: reallocate
@@ -68,16 +68,16 @@ class KVCache(nn.Module):
         if k.dim() != 4 or v.dim() != 4:
             raise ValueError(f"k and v must have shape (batch, kv_heads, seq, head_dim), "
                              f"got {tuple(k.shape)} and {tuple(v.shape)}")
-        if k.shape[:3] != v.shape[:3]:
-            raise ValueError(f"k and v disagree in (batch, kv_heads, seq): {tuple(k.shape[:3])} vs {tuple(v.shape[:3])}")
+        if k.size(0) != v.size(0) or k.size(2) != v.size(2):
+            raise ValueError(f"k and v disagree in (batch, seq): {tuple(k.shape)} vs {tuple(v.shape)}")
         if self.seq_len > 0 and self._layout(self.k, self.v) != self._layout(k, v):
-            raise ValueError(f"this cache holds (batch, kv_heads, head_dim, v_dim, dtype, device) = "
+            raise ValueError(f"this cache holds (batch, k_heads, head_dim, v_heads, v_dim, dtype, device) = "
                              f"{self._layout(self.k, self.v)}, got {self._layout(k, v)}; "
                              "call reset() to start a new sequence")
 
     @staticmethod
     def _layout(k: Tensor, v: Tensor) -> tuple:
-        return (k.size(0), k.size(1), k.size(3), v.size(3), k.dtype, k.device)
+        return (k.size(0), k.size(1), k.size(3), v.size(1), v.size(3), k.dtype, k.device)
 
     def _grow(self, needed: int, k: Tensor, v: Tensor) -> None:
         if self.max_len is not None:
@@ -86,9 +86,8 @@ class KVCache(nn.Module):
             capacity = self.max_len
         else:
             capacity = max(needed, 2 * self.capacity, 16)
-        B, h_kv = k.size(0), k.size(1)
-        new_k = k.new_empty(B, h_kv, capacity, k.size(3))
-        new_v = v.new_empty(B, h_kv, capacity, v.size(3))
+        new_k = k.new_empty(k.size(0), k.size(1), capacity, k.size(3))
+        new_v = v.new_empty(v.size(0), v.size(1), capacity, v.size(3))
         if self.seq_len:
             new_k[:, :, :self.seq_len] = self.k[:, :, :self.seq_len]
             new_v[:, :, :self.seq_len] = self.v[:, :, :self.seq_len]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def naive_attention(q, k, v, kv_of_head, *, blocked=None, bias=None, scale=None):
@@ -63,3 +64,18 @@ def rope_loop(x, positions, theta):
 
 def contiguous_groups(num_heads, num_kv_heads):
     return [i // (num_heads // num_kv_heads) for i in range(num_heads)]
+
+
+class ShapeRecorder(TorchDispatchMode):
+    """Records the shape of every tensor each aten op returns (to prove a tensor never appears)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.shapes.append(tuple(t.shape))
+        return out

@@ -53,15 +53,17 @@ def resolve_impl(impl: str, need_weights: bool = False) -> str:
     return impl
 
 
-def check_kv_map(kv_map: Sequence[int], num_heads: int, num_kv_heads: int) -> None:
+def check_kv_map(kv_map: Sequence[int], num_heads: int, num_kv_heads: int, *, name: str = "kv_map",
+                 heads: str = "kv heads") -> None:
     """Validate a query-head -> kv-head map: one entry per query head, every kv head used."""
     if len(kv_map) != num_heads:
-        raise ValueError(f"kv_map needs one entry per query head ({num_heads}), got {len(kv_map)}")
+        raise ValueError(f"{name} needs one entry per query head ({num_heads}), got {len(kv_map)}")
     if any(not 0 <= j < num_kv_heads for j in kv_map):
-        raise ValueError(f"kv_map entries must lie in [0, {num_kv_heads}), got {tuple(kv_map)}")
+        raise ValueError(f"{name} entries must lie in [0, {num_kv_heads}) (there are {num_kv_heads} {heads}), "
+                         f"got {tuple(kv_map)}")
     unused = sorted(set(range(num_kv_heads)) - set(kv_map))
     if unused:
-        raise ValueError(f"kv_map leaves kv heads {unused} unused; every kv head needs a query head, got {tuple(kv_map)}")
+        raise ValueError(f"{name} leaves {heads} {unused} unused; every one needs a query head, got {tuple(kv_map)}")
 
 
 def attend(

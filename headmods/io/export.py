@@ -1,8 +1,9 @@
 """Export to a stock Hugging Face folder, where the structure allows.
 
 A stock transformers class can hold a headmods model only when every swapped layer is plain
-multi-head attention (variant ``mha``, contiguous kv groups) and all layers keep the same head
-counts; anything else is refused with the name of the layer that blocks it. LLaMA-family configs
+multi-head attention (variant ``mha``, contiguous kv groups, or ``dha`` whose keys and values share
+one grouping of equal groups, which is GQA up to an order of the query heads) and all layers keep
+the same head counts; anything else is refused with the name of the layer that blocks it. LLaMA-family configs
 state ``head_dim`` and take the pruned tensors as they are. BERT and GPT-2 fix the head size to
 ``hidden / num_heads``, so their pruned heads are zero-padded to it: the exported model computes
 the same function but is not smaller (the headmods folder is).
@@ -31,12 +32,20 @@ def to_stock_hf(model: nn.Module) -> nn.Module:
     if not type(model).__module__.startswith("transformers."):
         raise ValueError(f"stock export needs a transformers host model, got {type(model).__name__}")
     layers = [(path, m) for path, m in model.named_modules() if isinstance(m, HeadAttention)]
-    shapes = set()
+    shapes, plain = set(), {}
     for path, layer in layers:
         host = getattr(layer, "host_kind", "native")
-        if type(layer).variant != "mha":
+        if type(layer).variant == "dha":
+            try:
+                plain[path] = layer.as_mha()  # DHA whose K and V share equal groups is GQA
+            except ValueError as e:
+                raise ValueError(f"layer {path!r} (dha) has no stock transformers equivalent: {e}") from None
+        elif type(layer).variant != "mha":
             raise ValueError(f"layer {path!r} is {type(layer).variant!r}; only plain multi-head attention ('mha') "
-                             "has a stock transformers equivalent")
+                             "and DHA that is GQA have a stock transformers equivalent")
+        else:
+            plain[path] = layer
+        layer = plain[path]
         if not host.startswith("hf_"):
             raise ValueError(f"layer {path!r} did not replace a transformers attention module (host {host!r})")
         if layer.config.kv_map is not None:
@@ -50,7 +59,7 @@ def to_stock_hf(model: nn.Module) -> nn.Module:
     state = {k: v for k, v in model.state_dict().items() if not any(k.startswith(f"{p}.") for p, _ in layers)}
     for path, layer in layers:
         host = host_named(layer.host_kind)
-        state.update({f"{path}.{k}": v for k, v in host.export(layer, config).items()})
+        state.update({f"{path}.{k}": v for k, v in host.export(plain[path], config).items()})
     stock = type(model)._from_config(config)
     load_strict(stock, state)
     return stock.eval()

@@ -119,6 +119,14 @@ class AttentionConfig:
         """The query-head -> kv-head map, spelled out whether or not ``kv_map`` is set."""
         return self.kv_map if self.kv_map is not None else self.contiguous_kv_map()
 
+    def value_heads(self) -> int:
+        """Value heads; values share the key heads' grouping here (DHA decouples them)."""
+        return self.num_kv_heads
+
+    def query_to_value(self) -> tuple[int, ...]:
+        """The query-head -> value-head map, spelled out."""
+        return self.query_to_kv()
+
     # -- serialization -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}

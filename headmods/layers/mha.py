@@ -58,7 +58,7 @@ class MultiHeadAttention(HeadAttention):
         c, dd = self.config, {"device": device, "dtype": dtype}
         self.q_proj = nn.Linear(c.embed_dim, c.num_heads * c.head_dim, bias=c.bias, **dd)
         self.k_proj = nn.Linear(c.kdim, c.num_kv_heads * c.head_dim, bias=c.bias, **dd)
-        self.v_proj = nn.Linear(c.vdim, c.num_kv_heads * c.head_dim, bias=c.bias, **dd)
+        self.v_proj = nn.Linear(c.vdim, c.value_heads() * c.head_dim, bias=c.bias, **dd)
         self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.embed_dim, bias=c.out_bias, **dd)
         self.reset_parameters()
 
@@ -81,15 +81,21 @@ class MultiHeadAttention(HeadAttention):
         B, Tq, Tk = query.size(0), query.size(1), key.size(1)
         q = project(query, self.q_proj).view(B, Tq, c.num_heads, c.head_dim).transpose(1, 2)  # (B, h, Tq, d)
         k = project(key, self.k_proj).view(B, Tk, c.num_kv_heads, c.head_dim).transpose(1, 2)  # (B, h_kv, Tk, d)
-        v = project(value, self.v_proj).view(B, Tk, c.num_kv_heads, c.head_dim).transpose(1, 2)  # (B, h_kv, Tk, d)
+        v = project(value, self.v_proj).view(B, Tk, c.value_heads(), c.head_dim).transpose(1, 2)  # (B, h_v, Tk, d)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(k, v)  # (B, h_kv, past + Tk, d)
-        out, weights = attend(q, k, v, mask, kv_map=c.kv_map, scale=c.scale, impl=c.impl,
-                              dropout_p=c.dropout if self.training else 0.0, need_weights=need_weights)
+        out, weights = self.attend_heads(q, k, v, mask, need_weights)
         out = out.transpose(1, 2).reshape(B, Tq, c.num_heads * c.head_dim)  # (B, Tq, h*d)
         return self.o_proj(out), weights
+
+    def attend_heads(self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask,
+                     need_weights: bool) -> tuple[Tensor, Tensor | None]:
+        """The attention kernel on projected heads (variants with other head maps override it)."""
+        c = self.config
+        return attend(q, k, v, mask, kv_map=c.kv_map, scale=c.scale, impl=c.impl,
+                      dropout_p=c.dropout if self.training else 0.0, need_weights=need_weights)
 
     # -- weights in, heads out -----------------------------------------------------------------
     def load_projections(self, weights: Projections) -> None:
@@ -124,24 +130,33 @@ class MultiHeadAttention(HeadAttention):
         """
         c = self.config
         keep = check_keep(keep, c.num_heads)
-        to_kv = c.query_to_kv()
-        kept_kv = sorted({to_kv[i] for i in keep})
-        new_map = tuple(kept_kv.index(to_kv[i]) for i in keep)
+        kept_k, new_k_map = _kept_groups(c.query_to_kv(), keep)
+        kept_v, new_v_map = _kept_groups(c.query_to_value(), keep)
         d = c.head_dim
         q_rows = head_rows(keep, d, self.q_proj.weight.device)
-        kv_rows = head_rows(kept_kv, d, self.k_proj.weight.device)
         self.q_proj = slice_linear(self.q_proj, rows=q_rows)
-        self.k_proj = slice_linear(self.k_proj, rows=kv_rows)
-        self.v_proj = slice_linear(self.v_proj, rows=kv_rows)
+        self.k_proj = slice_linear(self.k_proj, rows=head_rows(kept_k, d, self.k_proj.weight.device))
+        self.v_proj = slice_linear(self.v_proj, rows=head_rows(kept_v, d, self.v_proj.weight.device))
         self.o_proj = slice_linear(self.o_proj, cols=q_rows)
         original = c.kept_heads or tuple(range(c.num_heads))
-        self._config = self._pruned_config(keep, num_heads=len(keep), num_kv_heads=len(kept_kv), head_dim=d,
-                                           kv_map=new_map, kept_heads=tuple(original[i] for i in keep))
+        self._config = self._pruned_config(keep, num_heads=len(keep), num_kv_heads=len(kept_k), head_dim=d,
+                                           kv_map=new_k_map, kept_heads=tuple(original[i] for i in keep),
+                                           **self._value_changes(len(kept_v), new_v_map))
         return self
 
     def _pruned_config(self, keep: list[int], **changes):
         """The config after keeping query heads ``keep``; variants with per-head settings extend it."""
         return self.config.replace(**changes)
+
+    def _value_changes(self, num_value_heads: int, value_map: tuple[int, ...]) -> dict:
+        """Config changes for the value heads left by pruning: none here, values follow keys (DHA: its own)."""
+        return {}
+
+
+def _kept_groups(head_map: tuple[int, ...], keep: list[int]) -> tuple[list[int], tuple[int, ...]]:
+    """The kv heads the kept query heads read, and the kept heads' map renumbered onto them."""
+    kept = sorted({head_map[i] for i in keep})
+    return kept, tuple(kept.index(head_map[i]) for i in keep)
 
 
 def check_keep(keep: Sequence[int], num_heads: int) -> list[int]:

@@ -27,7 +27,7 @@ from .data import DataConfig, TASKS
 __all__ = ["ModelConfig", "TrainConfig", "PruneConfig", "BenchConfig", "CompareConfig", "RecipeConfig", "load_config",
            "apply_overrides", "RECIPES", "TASKS"]
 
-RECIPES = ("convert", "finetune", "prune", "eval", "demo", "compare", "shrp")
+RECIPES = ("convert", "finetune", "prune", "eval", "demo", "compare", "shrp", "dha")
 
 
 class ConfigError(ValueError):
@@ -171,6 +171,37 @@ class SHRPStageConfig:
 
 
 @dataclass(frozen=True)
+class DHAStageConfig:
+    """The DHA pipeline: budget, grouping, fusion stage, continued training, GQA baseline."""
+
+    budget: float = 0.5  # kept fraction of all key and value heads
+    linkage: str = "similarity"  # similarity (CKA) | lsq: which pair of groups merges next in a layer side
+    calib_samples: int = 64  # training examples whose activations give the head statistics
+    fusion_steps: int = 40  # steps of the fusion stage (LM loss + augmented Lagrangian fusion loss)
+    fusion_lr: float = 0.05  # learning rate of the fusion weights
+    fusion_mu: float = 10.0  # quadratic weight of the augmented Lagrangian
+    fusion_dual_lr: float = 1.0  # dual ascent step of the multiplier
+    fusion_train_model: bool = True  # also train the model's weights during fusion (else only the fusion weights)
+    pretrain_steps: int = 0  # model.scratch: train the MHA source from scratch first
+    eval_every: int = 10  # held-out loss every this many steps (curves)
+    eval_batches: int = 8  # validation batches per curve point (the final evaluation uses all)
+    baseline: bool = True  # GQA mean-pool at the same budget, same total training tokens
+
+    def __post_init__(self) -> None:
+        if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)) or not 0 < self.budget <= 1:
+            raise ValueError(f"dha.budget must be a fraction of the K/V heads in (0, 1], got {self.budget!r}")
+        if self.linkage not in ("similarity", "lsq"):
+            raise ValueError(f"dha.linkage must be 'similarity' or 'lsq', got {self.linkage!r}")
+        for name in ("calib_samples", "eval_every", "eval_batches"):
+            _positive(f"dha.{name}", getattr(self, name))
+        for name in ("fusion_steps", "pretrain_steps"):
+            _positive(f"dha.{name}", getattr(self, name), allow_zero=True)
+        for name in ("fusion_lr", "fusion_mu", "fusion_dual_lr"):
+            if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) < 0:
+                raise ValueError(f"dha.{name} must be a number >= 0, got {getattr(self, name)!r}")
+
+
+@dataclass(frozen=True)
 class CompareConfig:
     """Variants trained from the same random init, per seed, at equal steps (the ``compare`` recipe)."""
 
@@ -204,6 +235,7 @@ class RecipeConfig:
     bench: BenchConfig = field(default_factory=BenchConfig)
     compare: CompareConfig | None = None
     shrp: SHRPStageConfig = field(default_factory=SHRPStageConfig)
+    dha: DHAStageConfig = field(default_factory=DHAStageConfig)
     verify: bool = True  # convert: check the converted model against the source on real inputs
 
     def __post_init__(self) -> None:
@@ -211,7 +243,7 @@ class RecipeConfig:
             raise ValueError(f"recipe must be one of {RECIPES}, got {self.recipe!r}")
         if self.recipe == "compare" and (self.compare is None or self.model.scratch is None):
             raise ValueError("the compare recipe needs a compare section and model.scratch (models from scratch)")
-        if self.recipe in ("finetune", "prune", "eval", "demo", "compare", "shrp") and self.data is None:
+        if self.recipe in ("finetune", "prune", "eval", "demo", "compare", "shrp", "dha") and self.data is None:
             raise ValueError(f"the {self.recipe} recipe needs a data section")
         if (self.recipe == "convert" and self.model.task == "classification" and self.data is None
                 and self.model.checkpoint is None):
@@ -225,7 +257,7 @@ class RecipeConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"{where} must be a YAML mapping, got {type(data).__name__}")
         sections = {"model": ModelConfig, "train": TrainConfig, "prune": PruneConfig, "bench": BenchConfig,
-                    "shrp": SHRPStageConfig}
+                    "shrp": SHRPStageConfig, "dha": DHAStageConfig}
         if data.get("compare") is not None:
             sections["compare"] = CompareConfig
         known = [f.name for f in dataclasses.fields(cls)]

@@ -97,6 +97,8 @@ class RunReport:
         sections: ``(heading, markdown body)`` pairs, in order.
         metrics: nested JSON-able values, written exactly to ``metrics.json``.
         curves: named ``(step, value)`` series, plotted to ``loss.png``.
+        held_out: named ``(training tokens, held-out loss)`` series, plotted to ``held_out.png``
+            (comparisons at equal tokens, e.g. the DHA recipe).
         head_scores: per layer path, one score per head, plotted to ``head_importance.png``.
         kept_heads: per layer path, the head indices kept (outlined in the heatmap).
         tradeoff: points like ``{"label", "params", "accuracy"}``, plotted to ``tradeoff.png``.
@@ -117,6 +119,7 @@ class RunReport:
     sections: list[tuple[str, str]] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    held_out: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     head_scores: dict[str, list[float]] | None = None
     head_usage: dict[str, list[float]] | None = None
     kept_heads: dict[str, list[int]] | None = None
@@ -214,6 +217,8 @@ class RunReport:
         parts += [f"## {heading}\n\n{body.strip()}" for heading, body in self.sections]
         if "loss.png" in plots:
             parts.append("## Training curves\n\n![Training curves](loss.png)")
+        if "held_out.png" in plots:
+            parts.append("## Held-out loss against training tokens\n\n![Held-out loss](held_out.png)")
         if "head_importance.png" in plots or self.kept_heads:
             parts.append(self._heads_markdown("head_importance.png" in plots))
         if "head_usage.png" in plots:
@@ -233,6 +238,8 @@ class RunReport:
         data: dict[str, Any] = {}
         if any(self.curves.values()):
             data["loss.png"] = self.curves
+        if any(self.held_out.values()):
+            data["held_out.png"] = self.held_out
         if self.head_scores and any(len(v) for v in self.head_scores.values()):
             data["head_importance.png"] = self.head_scores
         if self.head_usage and any(len(v) for v in self.head_usage.values()):
@@ -248,6 +255,9 @@ class RunReport:
         written = {}
         if "loss.png" in data:
             written["loss.png"] = plot_curves(out / "loss.png", self.curves, title="Training curves")
+        if "held_out.png" in data:
+            written["held_out.png"] = plot_curves(out / "held_out.png", self.held_out, title="Held-out loss",
+                                                  xlabel="training tokens", ylabel="held-out loss")
         if "head_importance.png" in data:
             marks = {k: v for k, v in (self.kept_heads or {}).items() if k in self.head_scores}
             written["head_importance.png"] = plot_heatmap(out / "head_importance.png", self.head_scores,

@@ -76,15 +76,21 @@ class RecipeRun:
         self.log(f"[{name}] " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
         return metrics
 
-    def train(self, model: nn.Module, stage: str, steps: int) -> bool:
-        """Fit ``steps`` steps; False on non-zero ranks of a distributed run (they stop here)."""
+    def train(self, model: nn.Module, stage: str, steps: int, *, task: Any = None, callbacks: tuple = ()) -> bool:
+        """Fit ``steps`` steps; False on non-zero ranks of a distributed run (they stop here).
+
+        ``task`` replaces the recipe's default Lightning task (e.g. DHA's fusion stage);
+        ``callbacks`` are added for this stage only.
+        """
         if steps <= 0:
             return True
-        task = make_task(model, self.config.model.task, self.config.train, steps=steps, num_labels=self.dm.num_labels)
+        if task is None:
+            task = make_task(model, self.config.model.task, self.config.train, steps=steps,
+                             num_labels=self.dm.num_labels)
         self.log(f"[{stage}] fine-tuning {steps} steps")
         start = time.perf_counter()
         trainer, history = fit(task, self.dm, self.config.train, steps=steps, stage_dir=self.out / "lightning" / stage,
-                               callbacks=self.callbacks)
+                               callbacks=(*self.callbacks, *callbacks))
         self.rank = trainer.global_rank
         for step, loss in history:
             self.report.add_curve_point(f"{stage} train loss", int(step), float(loss))
@@ -280,6 +286,11 @@ class RecipeRun:
                                 f"{reference}'s - 1.\n\n" + markdown_table(summary) + "\n\nPer run:\n\n"
                                 + markdown_table(rows))
         return True
+
+    def _dha(self) -> bool:
+        from .dha_pipeline import run_dha
+
+        return run_dha(self)
 
     def _shrp(self) -> bool:
         from .shrp_pipeline import run_shrp

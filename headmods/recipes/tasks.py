@@ -50,13 +50,16 @@ class RecipeTask(L.LightningModule):
         self.log("train_loss", loss.detach(), prog_bar=True, batch_size=batch["input_ids"].size(0))
         return loss
 
-    def configure_optimizers(self) -> Any:
+    def param_groups(self, exclude: set[int] = frozenset()) -> list[dict[str, Any]]:
+        """AdamW groups of the trainable parameters not in ``exclude`` (ids): no decay on biases and norms."""
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():
-            if p.requires_grad:
-                (no_decay if p.dim() < 2 else decay).append(p)  # no decay on biases and norms
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=self.lr)
+            if p.requires_grad and id(p) not in exclude:
+                (no_decay if p.dim() < 2 else decay).append(p)
+        return [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.AdamW([g for g in self.param_groups() if g["params"]], lr=self.lr)
         warmup, total = self.warmup_steps, self.total_steps
 
         def schedule(step: int) -> float:

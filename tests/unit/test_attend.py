@@ -1,9 +1,8 @@
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from headmods.functional import AttentionMask, attend, causal_bias, from_mha
-from reference import contiguous_groups, naive_attention
+from reference import ShapeRecorder, contiguous_groups, naive_attention
 
 B, D = 2, 8
 LAYOUTS = {  # name: (num_heads, num_kv_heads, kv_map or None)
@@ -90,25 +89,12 @@ def test_auto_picks_eager_for_weights_and_sdpa_otherwise():
     torch.testing.assert_close(w.sum(-1), torch.ones(B, 4, 3, dtype=torch.float64))
 
 
-class _ShapeRecorder(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.shapes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor):
-                self.shapes.append(tuple(t.shape))
-        return out
-
-
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 @pytest.mark.parametrize("kv_map", [None, (1, 0, 1, 0, 1, 0), (0, 0, 0, 0, 1, 1)])
 def test_keys_and_values_are_never_expanded_to_query_heads(impl, kv_map):
     h, h_kv, tq, tk = 6, 2, 4, 9  # an expanded K/V would have shape (B, 6, 9, D)
     q, k, v = _inputs(h, h_kv, tq, tk, dtype=torch.float32)
-    with _ShapeRecorder() as rec:
+    with ShapeRecorder() as rec:
         attend(q, k, v, AttentionMask(causal=True), kv_map=kv_map, impl=impl)
     assert (B, h, tk, D) not in rec.shapes and (B, h, D, tk) not in rec.shapes
     assert rec.shapes, "the recorder saw no ops"
