@@ -44,9 +44,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..layers.dha import DHAAttention
+from ..integrations.base import adapter_class, host_named
+from ..layers.dha import DHAAttention, DHAConfig
 from ..layers.mha import MultiHeadAttention
-from ..swap import swap
+from ..swap import set_submodule, swap
 
 __all__ = ["DHAPlan", "to_dha", "dha_layers", "input_moments", "head_weights", "head_similarity",
            "plan_dha", "plan_gqa", "collapse", "check_budget"]
@@ -77,9 +78,29 @@ class DHAPlan:
 
 
 def to_dha(model: nn.Module, **cfg: Any) -> dict[str, DHAAttention]:
-    """Swap every attention module of ``model`` for DHA with the source's own heads (same function)."""
-    swap(model, "dha", **cfg)
+    """Swap every attention module of ``model`` for DHA with the source's own heads (same function).
+
+    Host attention modules are swapped; headmods ``mha`` layers already in the model (e.g. a
+    loaded headmods folder) are rebuilt as DHA with the same weights behind the same host adapter.
+    """
+    plain = {path: m for path, m in model.named_modules() if getattr(type(m), "variant", None) == "mha"}
+    for path, layer in plain.items():
+        set_submodule(model, path, _mha_to_dha(layer, **cfg))
+    if not plain:
+        swap(model, "dha", **cfg)
     return dha_layers(model)
+
+
+def _mha_to_dha(layer: MultiHeadAttention, **cfg: Any) -> DHAAttention:
+    host = getattr(layer, "host_kind", "native")
+    cls = DHAAttention if host == "native" else adapter_class(host_named(host), DHAAttention)
+    ref = layer.q_proj.weight
+    dha = cls.from_config(DHAConfig.from_dict({**layer.config.to_dict(), **cfg}), device=ref.device, dtype=ref.dtype)
+    dha.load_state_dict(layer.state_dict())
+    for name, value in vars(layer).items():  # what the host adapter attached (layer_idx, host_kind, ...)
+        if not name.startswith("_") and name != "training":
+            setattr(dha, name, value)
+    return dha.train(layer.training)
 
 
 def dha_layers(model: nn.Module) -> dict[str, DHAAttention]:

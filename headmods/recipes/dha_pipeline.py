@@ -122,10 +122,10 @@ def run_dha(run: "RecipeRun") -> bool:
     task = FusionTask(model, lagrangian=lagrangian, fusion_lr=s.fusion_lr, train_model=s.fusion_train_model,
                       lr=t.lr, weight_decay=t.weight_decay, warmup_steps=int(t.warmup_ratio * s.fusion_steps),
                       total_steps=s.fusion_steps, aux_weight=t.aux_weight)
-    start_fusion = float(fusion_loss(model, "max"))
+    start_fusion = float(fusion_loss(model, "max").detach())
     if not run.train(model, "dha-fusion", s.fusion_steps, task=task, callbacks=(curve("dha (fusion, then continued)", 0),)):
         return False
-    end_fusion = float(fusion_loss(model, "max"))
+    end_fusion = float(fusion_loss(model, "max").detach())
     materialize_fusion(model)
     collapse(layers, plan)
     results = {"dha": {"start": run.evaluate(model, "dha-start")}}

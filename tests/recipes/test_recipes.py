@@ -34,7 +34,7 @@ def test_every_shipped_recipe_is_covered_below():
     assert SHIPPED == {"convert_minilm_mha", "minilm_bbc_finetune", "minilm_bbc_prune", "minilm_bbc_eval",
                        "demo_minilm_bbc", "smollm2_pydoc_finetune", "smollm2_pydoc_eval",
                        "smollm2_moh_qnorm_convert", "minilm_moh_bbc_finetune", "compare_moh_pydoc_scratch",
-                       "minilm_shrp_bbc"}
+                       "minilm_shrp_bbc", "dha_pydoc_scratch", "smollm2_dha_pydoc"}
     for name, path, summary in list_recipes():
         first = path.read_text().splitlines()[0]
         assert first.startswith("# headmods ") and summary, f"{name} must open with its command and a summary"
@@ -273,3 +273,29 @@ def test_evaluate_leaves_the_model_in_eval_mode(tiny_bert_dir):
              "labels": torch.tensor([0, 1])}
     make_task(model, "classification", TrainConfig(), steps=1, num_labels=2).evaluate([batch])
     assert not any(m.training for m in model.modules())
+
+
+def test_dha_scratch_recipe(tmp_path):
+    out = _run("dha_pydoc_scratch", tmp_path, "data.limit=48", "model.scratch.hidden_size=64",
+               "model.scratch.intermediate_size=96", "model.scratch.num_hidden_layers=2", "model.tokenizer=bpe:320",
+               "data.max_length=32", "dha.pretrain_steps=2", "dha.fusion_steps=2", "dha.calib_samples=8",
+               "dha.eval_every=1", "dha.eval_batches=1")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"source", "dha-start", "dha-end", "gqa-start", "gqa-end"} <= set(metrics)
+    assert metrics["dha"]["kv_heads_kept"] == 8  # 25 % of 2 layers x (8 K + 8 V) heads
+    report = (out / "report.md").read_text()
+    assert "GQA mean-pool" in report and (out / "held_out.png").is_file()
+    curves = set(json.loads((out / "metrics.json").read_text())["dha_summary"])
+    assert curves == {"dha", "gqa"}
+    model = headmods.load(out / "model")
+    attn = model.model.layers[0].self_attn
+    assert type(attn).variant == "dha" and attn.num_heads == 8
+
+
+@pytest.mark.slow
+def test_smollm2_dha_recipe(tmp_path):
+    out = _run("smollm2_dha_pydoc", tmp_path, "data.limit=12", "data.max_length=32", "dha.fusion_steps=1",
+               "dha.calib_samples=4", "dha.eval_batches=1", "train.max_steps=1", "dha.baseline=false")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["dha"]["kv_fraction_of_source"] == pytest.approx(0.5, abs=0.02)
+    assert metrics["dha-end"]["val_ppl"] > 1 and "gqa-end" not in metrics

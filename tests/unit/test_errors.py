@@ -124,7 +124,7 @@ def test_cache_errors():
     layer(torch.randn(2, 3, E), is_causal=True, cache=cache)
     with pytest.raises(ValueError, match=r"KVCache\(max_len=4\) cannot hold 5 tokens"):
         layer(torch.randn(2, 2, E), is_causal=True, cache=cache)
-    with pytest.raises(ValueError, match=r"holds \(batch, kv_heads, head_dim, v_dim, dtype, device\) = \(2, 4,.*got \(3, 4,"):
+    with pytest.raises(ValueError, match=r"holds \(batch, k_heads, head_dim, v_heads, v_dim, dtype, device\) = \(2, 4,.*got \(3, 4,"):
         layer(torch.randn(3, 1, E), is_causal=True, cache=cache)
     with pytest.raises(ValueError, match=r"key_padding_mask must have shape \(batch, key_len\) = \(2, 4\), got \(2, 1\)"):
         layer(torch.randn(2, 1, E), key_padding_mask=torch.zeros(2, 1, dtype=torch.bool), cache=cache)
