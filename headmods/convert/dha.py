@@ -9,12 +9,13 @@ continued pre-training; its search and loss details are not public, so the headm
    the attention input (augmented with a constant 1 for biases), ``(D+1, D+1)`` in float64.
    Every head statistic below is exact from it, without storing head outputs.
 3. :func:`plan_dha` groups key heads and value heads of each layer separately under one global
-   budget: greedy agglomerative merging across all layers. Within a layer side the candidate
-   pair is the most similar pair of groups (linear CKA of the heads' centred outputs, average
-   linkage; cosine of the weights without calibration data); its merge cost is the rise in the
-   least-squares error of replacing the group's heads by their mean, relative to the side's
-   output energy. The cheapest candidate over all layers merges next, until the kept heads are
-   ``budget`` of the source's. Layers thus get different numbers of K and V heads.
+   budget: greedy agglomerative merging across all layers. A merge costs the rise in the
+   least-squares error of replacing the group's heads by their mean, relative to the layer
+   side's output energy; within a layer side the candidate is the cheapest pair (or, with
+   ``linkage="similarity"``, the most similar pair by linear CKA of the heads' centred outputs,
+   average linkage; weight cosine without calibration data), and the cheapest candidate over
+   all layers merges next, until the kept heads are ``budget`` of the source's. Layers thus get
+   different numbers of K and V heads. The CKA matrices are kept in the plan for reports.
 4. Fusion (:mod:`headmods.convert.dha_fusion`) learns in-group linear combinations until the
    heads of a group agree; :func:`collapse` then replaces each group by the mean of its heads
    (exact once they agree) and writes the maps into each layer's config.
@@ -237,15 +238,19 @@ def check_budget(budget: float, total_heads: int, sides: int) -> int:
 
 
 def plan_dha(layers: Mapping[str, MultiHeadAttention], budget: float, *, moments: Mapping[str, Tensor] | None = None,
-             linkage: str = "similarity") -> DHAPlan:
+             linkage: str = "lsq") -> DHAPlan:
     """Group each layer's key heads and value heads so that ``budget`` of them remain overall.
 
     Args:
         layers: path -> DHA (or MHA) layer, as :func:`to_dha` returns.
         budget: kept fraction of all K and V heads, in (0, 1].
         moments: :func:`input_moments`; None falls back to weight cosine and an identity metric.
-        linkage: ``"similarity"`` (merge the most similar pair: CKA / cosine) or ``"lsq"``
-            (merge the pair whose least-squares cost is lowest).
+        linkage: ``"lsq"`` (merge the pair whose least-squares cost is lowest; the default) or
+            ``"similarity"`` (merge the most similar pair: CKA / cosine). On a 4-layer LM at a 25 %
+            budget, CKA linkage left one layer all 8 key heads and every layer one value head
+            (CKA ignores the heads' scale, the mean collapse does not) and collapsed to a held-out
+            loss of 4.27-4.33 after fusion; least-squares linkage spread heads 2-3 per layer side
+            and reached 4.26-4.27 with the same fusion settings.
     """
     if linkage not in ("similarity", "lsq"):
         raise ValueError(f"linkage must be 'similarity' or 'lsq', got {linkage!r}")

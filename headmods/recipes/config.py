@@ -175,13 +175,14 @@ class DHAStageConfig:
     """The DHA pipeline: budget, grouping, fusion stage, continued training, GQA baseline."""
 
     budget: float = 0.5  # kept fraction of all key and value heads
-    linkage: str = "similarity"  # similarity (CKA) | lsq: which pair of groups merges next in a layer side
+    linkage: str = "lsq"  # lsq | similarity (CKA): which pair of groups merges next in a layer side
     calib_samples: int = 64  # training examples whose activations give the head statistics
     fusion_steps: int = 40  # steps of the fusion stage (LM loss + augmented Lagrangian fusion loss)
     fusion_lr: float = 0.05  # learning rate of the fusion weights
     fusion_mu: float = 10.0  # quadratic weight of the augmented Lagrangian
-    fusion_dual_lr: float = 1.0  # dual ascent step of the multiplier
+    fusion_dual_lr: float = 50.0  # dual ascent step of the multiplier
     fusion_train_model: bool = True  # also train the model's weights during fusion (else only the fusion weights)
+    fusion_consensus_ramp: float = 0.25  # last fraction of fusion steps blending heads to their group mean (0: off)
     pretrain_steps: int = 0  # model.scratch: train the MHA source from scratch first
     eval_every: int = 10  # held-out loss every this many steps (curves)
     eval_batches: int = 8  # validation batches per curve point (the final evaluation uses all)
@@ -196,6 +197,8 @@ class DHAStageConfig:
             _positive(f"dha.{name}", getattr(self, name))
         for name in ("fusion_steps", "pretrain_steps"):
             _positive(f"dha.{name}", getattr(self, name), allow_zero=True)
+        if not isinstance(self.fusion_consensus_ramp, (int, float)) or not 0 <= self.fusion_consensus_ramp <= 1:
+            raise ValueError(f"dha.fusion_consensus_ramp must lie in [0, 1], got {self.fusion_consensus_ramp!r}")
         for name in ("fusion_lr", "fusion_mu", "fusion_dual_lr"):
             if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) < 0:
                 raise ValueError(f"dha.{name} must be a number >= 0, got {getattr(self, name)!r}")

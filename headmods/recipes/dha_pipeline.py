@@ -23,7 +23,8 @@ import torch
 from torch import Tensor
 
 from ..convert.dha import collapse, dha_layers, input_moments, plan_dha, plan_gqa, to_dha
-from ..convert.dha_fusion import FusionLagrangian, attach_fusion, fusion_loss, fusion_parameters, materialize_fusion
+from ..convert.dha_fusion import (FusionLagrangian, attach_fusion, fusion_loss, fusion_parameters,
+                                  materialize_fusion, set_consensus)
 from .report import markdown_table
 from .tasks import CausalLMTask
 
@@ -41,9 +42,10 @@ class FusionTask(CausalLMTask):
     """
 
     def __init__(self, model: Any, *, lagrangian: FusionLagrangian, fusion_lr: float, train_model: bool = True,
-                 **kwargs: Any) -> None:
+                 consensus_ramp: float = 0.25, **kwargs: Any) -> None:
         super().__init__(model, **kwargs)
         self.lagrangian, self.fusion_lr, self.train_model = lagrangian, fusion_lr, train_model
+        self.consensus_ramp = consensus_ramp
         self.history: list[tuple[int, float]] = []
         self._last = 0.0
 
@@ -54,7 +56,16 @@ class FusionTask(CausalLMTask):
         groups = super().param_groups({id(p) for p in omegas} | set(exclude)) if self.train_model else []
         return groups + [{"params": omegas, "weight_decay": 0.0, "lr": self.fusion_lr}]
 
+    def consensus(self, step: int) -> float:
+        """The blend toward group means at ``step``: 0, then rising linearly to 1 over the last
+        ``consensus_ramp`` of the stage (reached on its final step)."""
+        if self.consensus_ramp <= 0:
+            return 0.0
+        start = (1.0 - self.consensus_ramp) * self.total_steps
+        return min(1.0, max(0.0, (step + 1 - start) / (self.total_steps - start)))
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        set_consensus(self.model, self.consensus(self.global_step))
         loss = super().training_step(batch, batch_idx)
         fuse = fusion_loss(self.model)
         self._last = float(fuse.detach())
@@ -120,12 +131,14 @@ def run_dha(run: "RecipeRun") -> bool:
     lagrangian = FusionLagrangian(mu=s.fusion_mu, dual_lr=s.fusion_dual_lr)
     t = cfg.train
     task = FusionTask(model, lagrangian=lagrangian, fusion_lr=s.fusion_lr, train_model=s.fusion_train_model,
-                      lr=t.lr, weight_decay=t.weight_decay, warmup_steps=int(t.warmup_ratio * s.fusion_steps),
+                      consensus_ramp=s.fusion_consensus_ramp, lr=t.lr, weight_decay=t.weight_decay, warmup_steps=int(t.warmup_ratio * s.fusion_steps),
                       total_steps=s.fusion_steps, aux_weight=t.aux_weight)
     start_fusion = float(fusion_loss(model, "max").detach())
     if not run.train(model, "dha-fusion", s.fusion_steps, task=task, callbacks=(curve("dha (fusion, then continued)", 0),)):
         return False
-    end_fusion = float(fusion_loss(model, "max").detach())
+    set_consensus(model, 0.0)
+    end_fusion = float(fusion_loss(model, "max").detach())  # the heads' own disagreement, before the ramp
+    set_consensus(model, task.consensus(s.fusion_steps - 1))
     materialize_fusion(model)
     collapse(layers, plan)
     results = {"dha": {"start": run.evaluate(model, "dha-start")}}
@@ -197,13 +210,27 @@ def _report(run: "RecipeRun", plan: Any, layers: dict, gqa: Any, source: dict, r
     for name, r in results.items():
         for when, metrics in r.items():
             run.report.add_metric(f"dha_summary.{name}.{when}_val_loss", metrics["val_loss"])
+    for name, points in run.report.held_out.items():
+        run.report.add_metric(f"dha_curves.{name}", [[int(tokens), float(loss)] for tokens, loss in points])
     text = (f"DHA as implemented here (the paper's code is not public): key and value heads grouped per layer by "
             f"{plan.kind} under a global budget of {s.budget:g} of the source's K/V heads, {s.fusion_steps} fusion "
-            f"steps (largest relative fusion loss {start_fusion:.3g} -> {end_fusion:.3g}, multiplier {lam:.3g}), "
-            f"collapse to group means, then {t.max_steps} steps of continued training. GQA mean-pool keeps the "
+            f"steps (largest relative fusion loss {start_fusion:.3g} -> {end_fusion:.3g} without the consensus "
+            f"blend, multiplier {lam:.3g}; the blend toward group means over the last {s.fusion_consensus_ramp:.0%} "
+            f"of the steps makes the heads equal at the end), collapse to group means, then {t.max_steps} steps of continued training. GQA mean-pool keeps the "
             f"same number of K/V heads (contiguous groups shared by K and V) and trains "
             f"{s.fusion_steps + t.max_steps} steps, so both have seen the same tokens at the end. Training tokens = "
             f"steps x batch x max_length ({per_step} per step; padding included). Curve points use the first "
             f"{s.eval_batches} validation batches; the table uses the whole validation split.")
-    run.report.add_section("DHA", text + "\n\n" + markdown_table(rows) + "\n\nPer-layer allocation:\n\n"
+    run.report.add_section("DHA", text + "\n\n" + markdown_table(rows) + "\n\nHeld-out loss at equal training "
+                           "tokens (curve points; DHA's first points are the fusion stage, before the collapse):\n\n"
+                           + markdown_table(_equal_tokens(run.report.held_out)) + "\n\nPer-layer allocation:\n\n"
                            + markdown_table(allocation))
+
+
+def _equal_tokens(curves: dict[str, list[tuple[int, float]]]) -> list[dict[str, Any]]:
+    """One row per token count; a curve's last point wins where the fusion and collapse share one."""
+    table: dict[int, dict[str, Any]] = {}
+    for name, points in curves.items():
+        for tokens, loss in points:
+            table.setdefault(tokens, {"training tokens": tokens})[name] = loss
+    return [table[k] for k in sorted(table)]

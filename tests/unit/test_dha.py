@@ -311,3 +311,23 @@ def test_plans_and_fusion_refuse_layers_they_do_not_know():
         plan_dha(layers, 0.5, moments={})
     with pytest.raises(ValueError, match="no DHA layers"):
         headmods.convert.dha.dha_layers(nn.Linear(2, 2))
+
+
+def test_consensus_blend_makes_group_heads_equal_and_is_off_at_zero():
+    torch.manual_seed(0)
+    linear = nn.Linear(6, 4 * 3)
+    fusion = HeadFusion(linear, [[0, 2, 3], [1]], head_dim=3)
+    x = torch.randn(5, 6)
+    torch.testing.assert_close(fusion(x), linear(x))  # identity weights, no blend
+    from headmods.convert.dha_fusion import set_consensus
+
+    set_consensus(fusion, 1.0)
+    weight, bias = fusion.fused()
+    rows = weight.view(4, 3, 6)
+    mean = linear.weight.view(4, 3, 6)[[0, 2, 3]].mean(0)
+    for i in (0, 2, 3):
+        torch.testing.assert_close(rows[i], mean)
+    torch.testing.assert_close(rows[1], linear.weight.view(4, 3, 6)[1])
+    assert float(fusion.fusion_loss().detach()) < 1e-12
+    with pytest.raises(ValueError, match=r"consensus must lie in \[0, 1\], got 1.5"):
+        set_consensus(fusion, 1.5)

@@ -27,3 +27,13 @@ def test_readme_moh_example_runs():
         a = namespace["same"](x)[0]
         b = namespace["mha"](x, x, x)[0]
     assert (a - b).abs().max() < 1e-5
+
+
+def test_readme_dha_example_runs():
+    section = README.read_text().split("## DHA:", 1)[1]
+    block = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
+    namespace: dict = {}
+    exec(compile(block, str(README), "exec"), namespace)
+    heads = namespace["plan"].heads()
+    assert sum(n for layer in heads.values() for n in layer.values()) == 16  # 25 % of 4 x (8 + 8)
+    assert len(namespace["attn"].config.k_map) == 8
