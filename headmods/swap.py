@@ -116,6 +116,8 @@ def build_layer(module: nn.Module, host: type[Host], variant: type[HeadAttention
     else:
         ex = host.extract(module)
         settings = {**ex.settings, **cfg}
+        if hasattr(variant, "host_settings"):  # a variant that needs more of the host (LongHeads: RoPE base)
+            settings = variant.host_settings(module, settings)
         if init == "copy":
             layer = cls.from_projections(ex.weights, ex.embed_dim, ex.num_heads, **settings)
         else:

@@ -3,11 +3,12 @@
 from .base import CacheLike, HeadAttention, Projections, collect_aux_losses, read_mha
 from .config import AttentionConfig
 from .dha import DHAAttention, DHAConfig
+from .longheads import LongHeadsAttention, LongHeadsConfig
 from .mha import MultiHeadAttention
 from .moh import MoHAttention, MoHConfig
 from .shrp import SHRPAttention, SHRPConfig
 
 __all__ = [
-    "AttentionConfig", "CacheLike", "DHAAttention", "DHAConfig", "HeadAttention", "MoHAttention", "MoHConfig", "SHRPAttention", "SHRPConfig", "MultiHeadAttention", "Projections",
+    "AttentionConfig", "CacheLike", "DHAAttention", "DHAConfig", "HeadAttention", "LongHeadsAttention", "LongHeadsConfig", "MoHAttention", "MoHConfig", "SHRPAttention", "SHRPConfig", "MultiHeadAttention", "Projections",
     "collect_aux_losses", "read_mha",
 ]

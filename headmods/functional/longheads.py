@@ -1,0 +1,185 @@
+"""LongHeads kernels: per-head chunk selection with contiguous re-positioning (training-free long context).
+
+Paper: "LongHeads: Multi-Head Attention is Secretly a Long Context Processor", Lu et al., arXiv
+2402.10685; spec ``spec/algorithms.md`` §6 (from the official code). Inputs are *un-roped* queries
+and keys; this module applies RoPE itself, at the positions LongHeads assigns.
+
+- The sequence is cut into chunks of ``w = chunk_size`` tokens. Each complete chunk ``g`` has a
+  representation (:func:`chunk_representations`): inside the chunk, q and k get RoPE at local
+  positions ``0..w-1``; ``o = softmax(q k^T / sqrt(d)) v`` (non-causal); ``s_g = mean(o)``;
+  ``c_g = softmax(s_g k^T / sqrt(d)) k``.
+- A query at position ``t < begin`` attends causally to every earlier key, at the original
+  positions (standard attention, exactly).
+- A query at ``t >= begin`` in chunk ``cur = t // w`` attends to ``K = attend_length / w`` chunks:
+  chunk 0, chunk ``cur - 1``, the current chunk cut at ``t`` (``t`` included; the official
+  prefill leaves it out, an off-by-one we do not reproduce), and the ``K - 3`` chunks among
+  ``1 .. cur - 2`` whose representation best matches the *un-roped* query (``q . c_g``, as the
+  official code scores). The chunks keep their order and are placed contiguously: keys at
+  positions ``0 .. L-1``, the query at ``L - 1``, so no head ever sees a position beyond
+  ``attend_length``.
+- GQA (not in the official code): a key/value head serves several query heads, so chunks are
+  chosen per key/value head, from the *mean* of its query heads' scores, and all of them attend
+  to the same chunks.
+- Selection granularity: ``block`` query tokens (a divisor of ``w``) choose once, from their
+  mean query (scores are linear in the query, so this is the mean of their scores). ``block=1``
+  is the official per-token selection; ``block=w`` (the default of the layer) is the deviation
+  that makes the cost linear in length with one SDPA call per block (``spec/performance.md`` §3).
+
+Shapes: B batch, h query heads, h_kv key/value heads, d head_dim, Tq new queries, Tk keys
+(``q_start + Tq``), G complete chunks with a representation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .rope import apply_rope, rope_cos_sin
+
+__all__ = ["chunk_representations", "longheads_attention", "select_chunks", "check_longheads"]
+
+
+def check_longheads(chunk_size: int, attend_length: int, begin: int, block: int) -> int:
+    """Validate the LongHeads sizes; returns ``K``, the chunks each query attends to."""
+    for name, value in (("chunk_size", chunk_size), ("attend_length", attend_length),
+                        ("begin_selective_length", begin), ("block", block)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if attend_length % chunk_size:
+        raise ValueError(f"attend_length ({attend_length}) must be a multiple of chunk_size ({chunk_size})")
+    chunks = attend_length // chunk_size
+    if chunks < 3:
+        raise ValueError(f"attend_length must hold at least 3 chunks (first, previous, current): "
+                         f"{attend_length} / {chunk_size} = {chunks}")
+    if begin < attend_length or begin % chunk_size:
+        raise ValueError(f"begin_selective_length ({begin}) must be a multiple of chunk_size ({chunk_size}) and at "
+                         f"least attend_length ({attend_length})")
+    if chunk_size % block:
+        raise ValueError(f"the selection block ({block}) must divide chunk_size ({chunk_size})")
+    return chunks
+
+
+def _rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:
+    cos, sin = rope_cos_sin(positions, x.size(-1), theta, dtype=x.dtype)
+    return apply_rope(x, cos.to(x.device), sin.to(x.device))
+
+
+def chunk_representations(q: Tensor, k: Tensor, v: Tensor, chunk_size: int, theta: float,
+                          scale: float | None = None) -> Tensor:
+    """``c_g`` of complete chunks: ``q (B, h, G*w, d)``, ``k, v (B, h_kv, G*w, d)`` un-roped -> ``(B, h, G, d)``."""
+    B, h, T, d = q.shape
+    h_kv, w = k.size(1), chunk_size
+    if T % w or k.size(2) != T:
+        raise ValueError(f"chunk representations need whole chunks of {w}: q has {T} tokens, k {k.size(2)}")
+    G = T // w
+    if G == 0:
+        return q.new_zeros(B, h, 0, d)
+    local = torch.arange(w, device=q.device)
+
+    def per_chunk(x: Tensor) -> Tensor:  # (B, n, G*w, d) -> (B*G, n, w, d), RoPE at 0..w-1 applied later
+        n = x.size(1)
+        return x.reshape(B, n, G, w, d).transpose(1, 2).reshape(B * G, n, w, d)
+
+    qc = _rope(per_chunk(q), local, theta)
+    kc = _rope(per_chunk(k), local, theta)
+    vc = per_chunk(v)
+    gqa = h != h_kv
+    o = F.scaled_dot_product_attention(qc, kc, vc, scale=scale, enable_gqa=gqa)  # (B*G, h, w, d)
+    s = o.mean(dim=2, keepdim=True)  # chunk query vector (B*G, h, 1, d)
+    c = F.scaled_dot_product_attention(s, kc, kc, scale=scale, enable_gqa=gqa)  # (B*G, h, 1, d)
+    return c.reshape(B, G, h, d).transpose(1, 2)  # (B, h, G, d)
+
+
+def select_chunks(scores: Tensor, current: Tensor, chunks: int) -> Tensor:
+    """Chunk indices per (batch, kv head, query block), ascending: 0, the best ``chunks - 3`` of
+    ``1 .. cur-2``, ``cur - 1``, ``cur``.
+
+    Args:
+        scores: ``(B, h_kv, Q, G)`` query-block x chunk-representation scores.
+        current: ``(Q,)`` the chunk each query block lies in (every ``cur >= chunks``).
+        chunks: K, chunks attended per query.
+    """
+    B, h_kv, Q, G = scores.shape
+    g = torch.arange(G, device=scores.device)
+    eligible = (g[None, :] >= 1) & (g[None, :] <= current[:, None] - 2)  # (Q, G)
+    picked = []
+    if chunks > 3:
+        masked = scores.masked_fill(~eligible, float("-inf"))
+        picked = [masked.topk(chunks - 3, dim=-1).indices]  # (B, h_kv, Q, K-3)
+    cur = current.view(1, 1, Q, 1).expand(B, h_kv, Q, 1)
+    forced = [torch.zeros_like(cur), cur - 1, cur]
+    return torch.cat(forced[:1] + picked + forced[1:], dim=-1).sort(dim=-1).values
+
+
+def longheads_attention(q: Tensor, k: Tensor, v: Tensor, reps: Tensor, *, chunk_size: int, attend_length: int,
+                        begin: int, theta: float, q_start: int, block: int, scale: float | None = None) -> Tensor:
+    """LongHeads attention of ``Tq`` new queries over all ``Tk = q_start + Tq`` keys (causal).
+
+    Args:
+        q: ``(B, h, Tq, d)`` un-roped queries at positions ``q_start .. Tk - 1``.
+        k, v: ``(B, h_kv, Tk, d)`` un-roped keys and values of every position so far.
+        reps: ``(B, h, G, d)`` chunk representations of at least the chunks selection may pick.
+        chunk_size, attend_length, begin, block: see :func:`check_longheads`.
+        theta: RoPE base.
+        q_start: position of the first query (the number of cached tokens before it).
+
+    Returns:
+        ``(B, h, Tq, d)``.
+    """
+    B, h, Tq, d = q.shape
+    h_kv, Tk, w = k.size(1), k.size(2), chunk_size
+    K = check_longheads(chunk_size, attend_length, begin, block)
+    if Tk != q_start + Tq:
+        raise ValueError(f"keys must cover every position: q_start {q_start} + {Tq} queries != {Tk} keys")
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    out = q.new_empty(B, h, Tq, v.size(-1))
+    dense_end = min(max(begin, q_start), Tk)  # queries before this position use full causal attention
+    if dense_end > q_start:
+        n = dense_end - q_start
+        pos_k = torch.arange(dense_end, device=q.device)
+        qd = _rope(q[:, :, :n], pos_k[q_start:], theta)
+        kd = _rope(k[:, :, :dense_end], pos_k, theta)
+        out[:, :, :n] = _causal(qd, kd, v[:, :, :dense_end], scale)
+    if dense_end == Tk:
+        return out
+    # selective part: query blocks of `block` positions inside one chunk
+    bounds, s = [], dense_end  # blocks are aligned to multiples of `block`; a decoding step may start mid-block
+    while s < Tk:
+        e = min(Tk, (s // block + 1) * block)
+        bounds.append((s, e))
+        s = e
+    current = torch.tensor([s // w for s, _ in bounds], device=q.device)
+    groups = h // h_kv
+    means = torch.stack([q[:, :, s - q_start:e - q_start].mean(dim=2) for s, e in bounds], dim=2)  # (B, h, Q, d)
+    needed = int(current.max()) - 1  # chunks 1 .. cur-2 may be picked
+    if K > 3 and reps.size(2) < needed:
+        raise ValueError(f"selection needs representations of chunks 0..{needed - 1}, got {reps.size(2)}")
+    scores = torch.matmul(means, reps[:, :, :max(needed, 1)].transpose(-1, -2))  # (B, h, Q, G)
+    scores = scores.view(B, h_kv, groups, len(bounds), -1).mean(dim=2)  # GQA: mean over each kv head's queries
+    chosen = select_chunks(scores, current, K)  # (B, h_kv, Q, K)
+    key_pos = torch.arange(K * w, device=q.device)
+    offsets = torch.arange(w, device=q.device)
+    for i, (s, e) in enumerate(bounds):
+        length = (K - 1) * w + (e - 1) % w + 1  # K-1 whole chunks + the current one cut at the block's end
+        index = (chosen[:, :, i, :, None] * w + offsets).reshape(B, h_kv, K * w)[:, :, :length]
+        index = index[..., None].expand(B, h_kv, length, d)
+        kg = _rope(torch.gather(k, 2, index), key_pos[:length], theta)
+        vg = torch.gather(v, 2, index if v.size(-1) == d else index[..., :1].expand(B, h_kv, length, v.size(-1)))
+        qb = _rope(q[:, :, s - q_start:e - q_start], key_pos[length - (e - s):length], theta)
+        out[:, :, s - q_start:e - q_start] = _causal(qb, kg, vg, scale)
+    return out
+
+
+def _causal(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """Causal attention with the diagonal aligned to the end of the keys (queries are the last keys)."""
+    Tq, Tk = q.size(2), k.size(2)
+    gqa = q.size(1) != k.size(1)
+    if Tq == Tk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    if Tq == 1:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+    keep = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale, enable_gqa=gqa)
