@@ -2,7 +2,7 @@
 
     headmods ls                          variants, shipped recipes, known checkpoints
     headmods cp RECIPE DST               copy a shipped recipe to edit
-    headmods convert|finetune|prune|eval|compare|shrp|dha --config RECIPE [key=value ...]
+    headmods convert|finetune|prune|eval|compare|shrp|dha|passkey --config RECIPE [key=value ...]
     headmods bench (--ckpt DIR | --variant NAME) [--batch B --seq-len T]
     headmods export --ckpt DIR --out DIR [--to hf]
     headmods demo [--out DIR] [key=value ...]
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from . import __version__
 
-STAGES = ("convert", "finetune", "prune", "eval", "compare", "shrp", "dha")
+STAGES = ("convert", "finetune", "prune", "eval", "compare", "shrp", "dha", "passkey")
 DEMO_RECIPE = "demo_minilm_bbc"
 
 
@@ -137,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
              "eval": "evaluate a headmods folder on local data",
              "compare": "train variants from the same random init at equal steps and compare",
              "shrp": "SHRP: fine-tune with top-1 head routing, prune heads by usage, recover, compare with MHA",
-             "dha": "DHA: group and fuse K/V heads under a budget, continue training, compare with GQA mean-pool"}
+             "dha": "DHA: group and fuse K/V heads under a budget, continue training, compare with GQA mean-pool",
+             "passkey": "passkey retrieval by length x depth, full attention vs LongHeads (optionally train first)"}
     for stage in STAGES:
         p = sub.add_parser(stage, help=helps[stage], description=f"{helps[stage]}. Overrides use dotted keys, "
                            "e.g. train.max_steps=20 data.path=my/texts.")

@@ -160,20 +160,21 @@ def longheads_attention(q: Tensor, k: Tensor, v: Tensor, reps: Tensor, *, chunk_
     scores = torch.matmul(means, reps[:, :, :max(needed, 1)].transpose(-1, -2))  # (B, h, Q, G)
     scores = scores.view(B, h_kv, groups, len(bounds), -1).mean(dim=2)  # GQA: mean over each kv head's queries
     chosen = select_chunks(scores, current, K)  # (B, h_kv, Q, K)
-    key_pos = torch.arange(K * w, device=q.device)
+    cos, sin = rope_cos_sin(torch.arange(K * w, device=q.device), d, theta, dtype=q.dtype)  # shared by all blocks
     offsets = torch.arange(w, device=q.device)
+    masks: dict[tuple[int, int], Tensor] = {}
     for i, (s, e) in enumerate(bounds):
         length = (K - 1) * w + (e - 1) % w + 1  # K-1 whole chunks + the current one cut at the block's end
         index = (chosen[:, :, i, :, None] * w + offsets).reshape(B, h_kv, K * w)[:, :, :length]
-        index = index[..., None].expand(B, h_kv, length, d)
-        kg = _rope(torch.gather(k, 2, index), key_pos[:length], theta)
-        vg = torch.gather(v, 2, index if v.size(-1) == d else index[..., :1].expand(B, h_kv, length, v.size(-1)))
-        qb = _rope(q[:, :, s - q_start:e - q_start], key_pos[length - (e - s):length], theta)
-        out[:, :, s - q_start:e - q_start] = _causal(qb, kg, vg, scale)
+        kg = apply_rope(torch.gather(k, 2, index[..., None].expand(B, h_kv, length, d)), cos[:, :length], sin[:, :length])
+        vg = torch.gather(v, 2, index[..., None].expand(B, h_kv, length, v.size(-1)))
+        n = e - s
+        qb = apply_rope(q[:, :, s - q_start:e - q_start], cos[:, length - n:length], sin[:, length - n:length])
+        out[:, :, s - q_start:e - q_start] = _causal(qb, kg, vg, scale, masks)
     return out
 
 
-def _causal(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+def _causal(q: Tensor, k: Tensor, v: Tensor, scale: float, masks: dict | None = None) -> Tensor:
     """Causal attention with the diagonal aligned to the end of the keys (queries are the last keys)."""
     Tq, Tk = q.size(2), k.size(2)
     gqa = q.size(1) != k.size(1)
@@ -181,5 +182,8 @@ def _causal(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     if Tq == 1:
         return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
-    keep = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
+    masks = {} if masks is None else masks
+    keep = masks.get((Tq, Tk))
+    if keep is None:
+        keep = masks[(Tq, Tk)] = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale, enable_gqa=gqa)

@@ -27,7 +27,7 @@ from .data import DataConfig, TASKS
 __all__ = ["ModelConfig", "TrainConfig", "PruneConfig", "BenchConfig", "CompareConfig", "RecipeConfig", "load_config",
            "apply_overrides", "RECIPES", "TASKS"]
 
-RECIPES = ("convert", "finetune", "prune", "eval", "demo", "compare", "shrp", "dha")
+RECIPES = ("convert", "finetune", "prune", "eval", "demo", "compare", "shrp", "dha", "passkey")
 
 
 class ConfigError(ValueError):
@@ -205,6 +205,34 @@ class DHAStageConfig:
 
 
 @dataclass(frozen=True)
+class PasskeyStageConfig:
+    """The passkey recipe: LongHeads settings and the length x depth grid (full attention vs LongHeads)."""
+
+    chunk_size: int = 32
+    attend_length: int = 256  # at most the model's trained length
+    selection: str = "block"  # block | token
+    lengths: tuple[int, ...] = (256, 1024, 4096)  # prompt lengths in tokens
+    depths: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)  # where the key sits in the filler
+    trials: int = 10  # prompts per (length, depth)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lengths", tuple(self.lengths))
+        object.__setattr__(self, "depths", tuple(self.depths))
+        for name in ("chunk_size", "attend_length", "trials"):
+            _positive(f"passkey.{name}", getattr(self, name))
+        if not self.lengths or any(isinstance(n, bool) or not isinstance(n, int) or n < 32 for n in self.lengths):
+            raise ValueError(f"passkey.lengths must be token counts >= 32, got {self.lengths!r}")
+        if not self.depths or any(not isinstance(x, (int, float)) or not 0 <= x <= 1 for x in self.depths):
+            raise ValueError(f"passkey.depths must be fractions in [0, 1], got {self.depths!r}")
+        from ..functional.longheads import check_longheads
+
+        check_longheads(self.chunk_size, self.attend_length, self.attend_length,
+                        self.chunk_size if self.selection == "block" else 1)
+        if self.selection not in ("block", "token"):
+            raise ValueError(f"passkey.selection must be 'block' or 'token', got {self.selection!r}")
+
+
+@dataclass(frozen=True)
 class CompareConfig:
     """Variants trained from the same random init, per seed, at equal steps (the ``compare`` recipe)."""
 
@@ -239,6 +267,7 @@ class RecipeConfig:
     compare: CompareConfig | None = None
     shrp: SHRPStageConfig = field(default_factory=SHRPStageConfig)
     dha: DHAStageConfig = field(default_factory=DHAStageConfig)
+    passkey: PasskeyStageConfig = field(default_factory=PasskeyStageConfig)
     verify: bool = True  # convert: check the converted model against the source on real inputs
 
     def __post_init__(self) -> None:
@@ -260,7 +289,7 @@ class RecipeConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"{where} must be a YAML mapping, got {type(data).__name__}")
         sections = {"model": ModelConfig, "train": TrainConfig, "prune": PruneConfig, "bench": BenchConfig,
-                    "shrp": SHRPStageConfig, "dha": DHAStageConfig}
+                    "shrp": SHRPStageConfig, "dha": DHAStageConfig, "passkey": PasskeyStageConfig}
         if data.get("compare") is not None:
             sections["compare"] = CompareConfig
         known = [f.name for f in dataclasses.fields(cls)]

@@ -124,11 +124,15 @@ def plot_curves(path: str | os.PathLike, curves: Mapping[str, Sequence[tuple[int
 
 
 def plot_heatmap(path: str | os.PathLike, scores: Mapping[str, Sequence[float]], *, title: str,
-                 cbar_label: str, marks: Mapping[str, Sequence[int]] | None = None) -> Path:
+                 cbar_label: str, marks: Mapping[str, Sequence[int]] | None = None, xlabel: str = "head",
+                 ylabel: str = "layer", columns: Sequence[str] | None = None,
+                 limits: tuple[float, float] | None = None) -> Path:
     """A layers × heads heatmap; rows follow ``scores`` order, labelled by :func:`short_labels`.
 
     Layers with fewer heads are padded with NaN, drawn blank. ``marks`` outlines the given head
-    indices of a layer (e.g. the heads a prune kept) with a red box.
+    indices of a layer (e.g. the heads a prune kept) with a red box. Other grids (e.g. passkey
+    accuracy by length x depth) set ``xlabel``/``ylabel``, ``columns`` (tick labels) and
+    ``limits`` (a fixed colour range), and write each cell's value.
 
     Example:
         >>> import pathlib, tempfile
@@ -160,12 +164,20 @@ def plot_heatmap(path: str | os.PathLike, scores: Mapping[str, Sequence[float]],
     ax = fig.add_subplot()
     finite = grid[np.isfinite(grid)]
     vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    if limits is not None:
+        vmin, vmax = limits
     image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", interpolation="nearest",
                       cmap="viridis", vmin=vmin, vmax=vmax)
     fig.colorbar(image, ax=ax, label=cbar_label)
-    ax.set(title=title, xlabel="head", ylabel="layer")
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.set_yticks(range(len(rows)), short_labels(names))
-    if n_heads <= 32:
+    if columns is not None:
+        ax.set_xticks(range(len(columns)), [str(c) for c in columns])
+        for (i, j), value in np.ndenumerate(grid):
+            if np.isfinite(value):
+                ax.text(j, i, f"{value:.2g}", ha="center", va="center", color="white" if value < (vmin + vmax) / 2
+                        else "black", fontsize=8)
+    elif n_heads <= 32:
         ax.set_xticks(range(n_heads))
     for name, heads in (marks or {}).items():
         row = names.index(name)

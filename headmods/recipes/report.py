@@ -99,6 +99,8 @@ class RunReport:
         curves: named ``(step, value)`` series, plotted to ``loss.png``.
         held_out: named ``(training tokens, held-out loss)`` series, plotted to ``held_out.png``
             (comparisons at equal tokens, e.g. the DHA recipe).
+        grids: named value grids, each plotted to ``<name>.png``: ``{"title", "rows": {label:
+            [values]}, "columns": [labels], "xlabel", "ylabel", "cbar"}`` (e.g. passkey accuracy).
         head_scores: per layer path, one score per head, plotted to ``head_importance.png``.
         kept_heads: per layer path, the head indices kept (outlined in the heatmap).
         tradeoff: points like ``{"label", "params", "accuracy"}``, plotted to ``tradeoff.png``.
@@ -120,6 +122,7 @@ class RunReport:
     metrics: dict[str, Any] = field(default_factory=dict)
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     held_out: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    grids: dict[str, dict[str, Any]] = field(default_factory=dict)
     head_scores: dict[str, list[float]] | None = None
     head_usage: dict[str, list[float]] | None = None
     kept_heads: dict[str, list[int]] | None = None
@@ -219,6 +222,9 @@ class RunReport:
             parts.append("## Training curves\n\n![Training curves](loss.png)")
         if "held_out.png" in plots:
             parts.append("## Held-out loss against training tokens\n\n![Held-out loss](held_out.png)")
+        for name, grid in self.grids.items():
+            if f"{name}.png" in plots:
+                parts.append(f"## {grid['title']}\n\n![{grid['title']}]({name}.png)")
         if "head_importance.png" in plots or self.kept_heads:
             parts.append(self._heads_markdown("head_importance.png" in plots))
         if "head_usage.png" in plots:
@@ -240,6 +246,9 @@ class RunReport:
             data["loss.png"] = self.curves
         if any(self.held_out.values()):
             data["held_out.png"] = self.held_out
+        for name, grid in self.grids.items():
+            if grid.get("rows"):
+                data[f"{name}.png"] = grid
         if self.head_scores and any(len(v) for v in self.head_scores.values()):
             data["head_importance.png"] = self.head_scores
         if self.head_usage and any(len(v) for v in self.head_usage.values()):
@@ -258,6 +267,12 @@ class RunReport:
         if "held_out.png" in data:
             written["held_out.png"] = plot_curves(out / "held_out.png", self.held_out, title="Held-out loss",
                                                   xlabel="training tokens", ylabel="held-out loss")
+        for name, grid in self.grids.items():
+            if f"{name}.png" in data:
+                written[f"{name}.png"] = plot_heatmap(
+                    out / f"{name}.png", grid["rows"], title=grid["title"], cbar_label=grid.get("cbar", "value"),
+                    xlabel=grid.get("xlabel", ""), ylabel=grid.get("ylabel", ""), columns=grid.get("columns"),
+                    limits=grid.get("limits"))
         if "head_importance.png" in data:
             marks = {k: v for k, v in (self.kept_heads or {}).items() if k in self.head_scores}
             written["head_importance.png"] = plot_heatmap(out / "head_importance.png", self.head_scores,

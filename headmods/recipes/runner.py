@@ -287,6 +287,11 @@ class RecipeRun:
                                 + markdown_table(rows))
         return True
 
+    def _passkey(self) -> bool:
+        from .longheads_pipeline import run_passkey
+
+        return run_passkey(self)
+
     def _dha(self) -> bool:
         from .dha_pipeline import run_dha
 

@@ -23,8 +23,9 @@ SHIPPED = {name for name, _, _ in list_recipes()}
 HEADMODS = str(Path(sys.executable).parent / "headmods")  # the real console entry point
 
 
-def _run(name: str, out: Path, *extra: str) -> Path:
-    config = load_config(dict((n, p) for n, p, _ in list_recipes())[name], SMALL + [f"output_dir={out}", *extra])
+def _run(name: str, out: Path, *extra: str, data: bool = True) -> Path:
+    small = SMALL if data else [o for o in SMALL if not o.startswith("data.")]  # recipes without a data section
+    config = load_config(dict((n, p) for n, p, _ in list_recipes())[name], small + [f"output_dir={out}", *extra])
     run_recipe(config, command=f"test {name}")
     assert (out / "report.md").is_file() and json.loads((out / "metrics.json").read_text())
     return out
@@ -34,7 +35,8 @@ def test_every_shipped_recipe_is_covered_below():
     assert SHIPPED == {"convert_minilm_mha", "minilm_bbc_finetune", "minilm_bbc_prune", "minilm_bbc_eval",
                        "demo_minilm_bbc", "smollm2_pydoc_finetune", "smollm2_pydoc_eval",
                        "smollm2_moh_qnorm_convert", "minilm_moh_bbc_finetune", "compare_moh_pydoc_scratch",
-                       "minilm_shrp_bbc", "dha_pydoc_scratch", "smollm2_dha_pydoc"}
+                       "minilm_shrp_bbc", "dha_pydoc_scratch", "smollm2_dha_pydoc", "passkey_longheads_scratch",
+                       "smollm2_passkey_longheads"}
     for name, path, summary in list_recipes():
         first = path.read_text().splitlines()[0]
         assert first.startswith("# headmods ") and summary, f"{name} must open with its command and a summary"
@@ -299,3 +301,24 @@ def test_smollm2_dha_recipe(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["dha"]["kv_fraction_of_source"] == pytest.approx(0.5, abs=0.02)
     assert metrics["dha-end"]["val_ppl"] > 1 and "gqa-end" not in metrics
+
+
+def test_passkey_scratch_recipe(tmp_path):
+    out = _run("passkey_longheads_scratch", tmp_path, "data.passkey_samples=40", "data.passkey_filler=6",
+               "model.scratch.hidden_size=32", "model.scratch.intermediate_size=48", "model.scratch.num_hidden_layers=1",
+               "model.tokenizer=bpe:320", "data.max_length=96", "passkey.chunk_size=8", "passkey.attend_length=32",
+               "passkey.lengths=[64,160]", "passkey.depths=[0.5]", "passkey.trials=2")
+    metrics = json.loads((out / "metrics.json").read_text())["passkey"]
+    assert set(metrics["full_attention"]) == {"64", "160", "seconds"} and set(metrics["longheads"]) >= {"64", "160"}
+    assert all(0.0 <= metrics[m][n] <= 1.0 for m in ("full_attention", "longheads") for n in ("64", "160"))
+    assert (out / "passkey_longheads.png").is_file() and "Passkey retrieval" in (out / "report.md").read_text()
+    model = headmods.load(out / "model")
+    assert type(model.model.layers[0].self_attn).variant == "longheads"
+
+
+@pytest.mark.slow
+def test_smollm2_passkey_recipe(tmp_path):
+    out = _run("smollm2_passkey_longheads", tmp_path, "passkey.chunk_size=16", "passkey.attend_length=48",
+               "passkey.lengths=[96]", "passkey.depths=[0.5]", "passkey.trials=1", data=False)
+    metrics = json.loads((out / "metrics.json").read_text())["passkey"]
+    assert 0.0 <= metrics["longheads"]["96"] <= 1.0 and 0.0 <= metrics["full_attention"]["96"] <= 1.0
