@@ -190,3 +190,13 @@ def test_hf_attention_function_equals_the_swap_path_and_decodes():
     torch.testing.assert_close(torch.cat(steps, dim=1), b, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(a[:, :16], short, atol=1e-5, rtol=1e-5)  # within the budget: the plain model
     assert not torch.allclose(a[:, 30:], base(ids).logits[:, 30:], atol=1e-3)  # past it: heads see chunks only
+
+
+def test_gradients_flow_through_the_selected_chunks():
+    layer = _layer("block").train()
+    x = torch.randn(1, 40, 32, dtype=torch.float64, requires_grad=True)
+    out, _ = layer(x, is_causal=True)
+    out.square().mean().backward()
+    assert torch.isfinite(x.grad).all() and layer.k_proj.weight.grad.abs().sum() > 0
+    with torch.no_grad():  # the no-grad path (reused buffers) computes the same thing
+        torch.testing.assert_close(layer(x, is_causal=True)[0], out.detach(), atol=1e-12, rtol=1e-12)
