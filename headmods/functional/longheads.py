@@ -115,7 +115,8 @@ def select_chunks(scores: Tensor, current: Tensor, chunks: int) -> Tensor:
 
 
 def longheads_attention(q: Tensor, k: Tensor, v: Tensor, reps: Tensor, *, chunk_size: int, attend_length: int,
-                        begin: int, theta: float, q_start: int, block: int, scale: float | None = None) -> Tensor:
+                        begin: int, theta: float, q_start: int, block: int, scale: float | None = None,
+                        batch_tokens: bool = True) -> Tensor:
     """LongHeads attention of ``Tq`` new queries over all ``Tk = q_start + Tq`` keys (causal).
 
     Args:
@@ -125,6 +126,8 @@ def longheads_attention(q: Tensor, k: Tensor, v: Tensor, reps: Tensor, *, chunk_
         chunk_size, attend_length, begin, block: see :func:`check_longheads`.
         theta: RoPE base.
         q_start: position of the first query (the number of cached tokens before it).
+        batch_tokens: with ``block=1``, batch a chunk's tokens into one call (False: the block
+            loop with one-token blocks, one call per token; the same result, slower).
 
     Returns:
         ``(B, h, Tq, d)``.
@@ -162,6 +165,9 @@ def longheads_attention(q: Tensor, k: Tensor, v: Tensor, reps: Tensor, *, chunk_
     chosen = select_chunks(scores, current, K)  # (B, h_kv, Q, K)
     cos, sin = rope_cos_sin(torch.arange(K * w, device=q.device), d, theta, dtype=q.dtype)  # shared by all blocks
     offsets = torch.arange(w, device=q.device)
+    if block == 1 and batch_tokens:
+        _per_token(q, k, v, out, chosen, bounds, q_start, w, K, cos, sin, scale)
+        return out
     masks: dict[tuple[int, int], Tensor] = {}
     buffers = _Buffers()
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
@@ -181,6 +187,43 @@ def longheads_attention(q: Tensor, k: Tensor, v: Tensor, reps: Tensor, *, chunk_
         qb = apply_rope(q[:, :, s - q_start:e - q_start], cos[:, length - n:length], sin[:, length - n:length])
         out[:, :, s - q_start:e - q_start] = _causal(qb, kg, vg, scale, masks)
     return out
+
+
+def _per_token(q: Tensor, k: Tensor, v: Tensor, out: Tensor, chosen: Tensor, bounds: list, q_start: int, w: int,
+               K: int, cos: Tensor, sin: Tensor, scale: float) -> None:
+    """Per-token selection, tokens of one chunk batched: each token gets its own gathered keys.
+
+    Tokens ``t`` of chunk ``cur`` share the forced chunks; each has its own top-k and its own cut
+    of the current chunk (a key mask), all in one SDPA call over (batch x tokens) sequences. The
+    group size keeps the gathered keys near 16 MB.
+    """
+    B, h, _, d = q.shape
+    h_kv, L = k.size(1), K * w
+    per_group = max(1, (1 << 22) // (L * d * h_kv * B))
+    offsets = torch.arange(w, device=q.device)
+    positions = torch.tensor([s for s, _ in bounds], device=q.device)
+    start = 0
+    while start < len(bounds):
+        cur = int(positions[start]) // w
+        end = start + 1
+        while end < len(bounds) and end - start < per_group and int(positions[end]) // w == cur:
+            end += 1
+        n = end - start
+        t = positions[start:end]  # (n,) absolute positions
+        index = (chosen[:, :, start:end, :, None] * w + offsets).reshape(B, h_kv, n * L)
+        index = index.clamp(max=k.size(2) - 1)  # slots past the sequence's end are masked below
+        kg = torch.gather(k, 2, index[..., None].expand(B, h_kv, n * L, d)).view(B, h_kv, n, L, d)
+        vg = torch.gather(v, 2, index[..., None].expand(B, h_kv, n * L, v.size(-1))).view(B, h_kv, n, L, v.size(-1))
+        kg = apply_rope(kg.transpose(1, 2).reshape(B * n, h_kv, L, d), cos, sin)  # keys at 0 .. L-1
+        vg = vg.transpose(1, 2).reshape(B * n, h_kv, L, v.size(-1))
+        q_pos = (K - 1) * w + t % w  # each query sits right after its own keys
+        qt = q[:, :, t - q_start].transpose(1, 2).reshape(B * n, h, 1, d)
+        qt = apply_rope(qt, cos[0, q_pos].repeat(B, 1)[:, None], sin[0, q_pos].repeat(B, 1)[:, None])
+        keep = torch.arange(L, device=q.device)[None, :] <= q_pos[:, None]  # (n, L): the current chunk cut at t
+        mask = keep.repeat(B, 1)[:, None, None, :]  # (B*n, 1, 1, L)
+        o = F.scaled_dot_product_attention(qt, kg, vg, attn_mask=mask, scale=scale, enable_gqa=h != h_kv)
+        out[:, :, t - q_start] = o.view(B, n, h, -1).transpose(1, 2)
+        start = end
 
 
 class _Buffers:

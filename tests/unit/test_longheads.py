@@ -200,3 +200,14 @@ def test_gradients_flow_through_the_selected_chunks():
     assert torch.isfinite(x.grad).all() and layer.k_proj.weight.grad.abs().sum() > 0
     with torch.no_grad():  # the no-grad path (reused buffers) computes the same thing
         torch.testing.assert_close(layer(x, is_causal=True)[0], out.detach(), atol=1e-12, rtol=1e-12)
+
+
+def test_block_path_with_one_token_blocks_equals_the_batched_per_token_path():
+    q, k, v = _qkv(4, 2, T=70)
+    from headmods.functional.longheads import chunk_representations
+
+    reps = chunk_representations(q[:, :, :68], k[:, :, :68], v[:, :, :68], 4, THETA)
+    kw = dict(chunk_size=4, attend_length=20, begin=20, theta=THETA, q_start=0, block=1)
+    batched = longheads_attention(q, k, v, reps, **kw)
+    looped = longheads_attention(q, k, v, reps, batch_tokens=False, **kw)
+    torch.testing.assert_close(batched, looped, atol=1e-12, rtol=1e-12)
