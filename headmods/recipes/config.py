@@ -214,6 +214,7 @@ class PasskeyStageConfig:
     lengths: tuple[int, ...] = (256, 1024, 4096)  # prompt lengths in tokens
     depths: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)  # where the key sits in the filler
     trials: int = 10  # prompts per (length, depth)
+    compare_token: bool = True  # also score the official per-token selection next to block selection
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lengths", tuple(self.lengths))

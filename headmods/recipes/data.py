@@ -64,6 +64,7 @@ class DataConfig:
     sample_by: str = "document"
     passkey_samples: int = 64
     passkey_filler: int = 200
+    passkey_loss: str = "all"  # causal-lm on passkey prompts: "all" real tokens or only the "answer"
 
     def __post_init__(self) -> None:
         if self.kind not in DATA_KINDS:
@@ -89,6 +90,8 @@ class DataConfig:
         fraction = self.val_fraction
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
             raise ValueError(f"DataConfig.val_fraction must lie strictly between 0 and 1, got {fraction!r}")
+        if self.passkey_loss not in ("all", "answer"):
+            raise ValueError(f"DataConfig.passkey_loss must be 'all' or 'answer', got {self.passkey_loss!r}")
         if self.sample_by not in SAMPLE_BY:
             raise ValueError(f"DataConfig.sample_by must be one of {SAMPLE_BY}, got {self.sample_by!r}")
 
@@ -225,7 +228,8 @@ class RecipeDataModule(lightning.LightningDataModule):
     truncated to ``max_length`` plus ``labels``. Causal-LM rows: each split's documents
     concatenated (EOS between them when the tokenizer has one) and cut into blocks of exactly
     ``max_length`` tokens (``labels`` = ``input_ids``; the remainder is dropped). Passkey
-    prompts are followed by their answer, so the texts are complete for LM training.
+    prompts are followed by their answer and kept one per row (padded to ``max_length``, the
+    padding out of the loss), so a key and its question are never cut apart.
 
     ``train_dataloader()`` is a :class:`ResumableLoader` over a :class:`StepStream` whose start
     counter is the number of batches the trainer has consumed, read when each epoch's iteration
@@ -311,6 +315,8 @@ class RecipeDataModule(lightning.LightningDataModule):
                 data[name] = self._classification_rows([texts[i] for i in idx], [labels[i] for i in idx])
                 counts = sorted(Counter(labels[i] for i in idx).items())
                 self._info.setdefault("label_counts", {})[name] = {self._label_names[k]: c for k, c in counts}
+            elif cfg.kind == "passkey":
+                data[name] = self._passkey_rows([texts[i] for i in idx], name)
             else:
                 data[name] = self._lm_blocks([texts[i] for i in idx], name)
         self.train_dataset, self.val_dataset = data["train"], data["val"]
@@ -332,6 +338,24 @@ class RecipeDataModule(lightning.LightningDataModule):
         self._info.setdefault("tokens", {})[split] = len(stream)
         return [{"input_ids": stream[k : k + size], "labels": stream[k : k + size]}
                 for k in range(0, len(stream) - size + 1, size)]  # fmt: skip
+
+    def _passkey_rows(self, texts: list[str], split: str) -> list[dict[str, Any]]:
+        """One row per prompt (never split across blocks), right-padded to ``max_length``; the loss
+        covers the answer only (``passkey_loss: answer``) or every real token (``all``)."""
+        size, rows = self.config.max_length, []
+        for text in texts:
+            prompt, answer = text.rsplit(" ", 1)  # "... The pass key is" + "NNNNN."
+            p_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            a_ids = self.tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
+            ids = p_ids + a_ids
+            if len(ids) > size:
+                raise ValueError(f"a {split} passkey prompt has {len(ids)} tokens, more than max_length {size}; "
+                                 f"lower data.passkey_filler ({self.config.passkey_filler}) or raise max_length")
+            labels = ([-100] * len(p_ids) + a_ids) if self.config.passkey_loss == "answer" else list(ids)
+            pad = size - len(ids)
+            rows.append({"input_ids": ids + [self.pad_id] * pad, "labels": labels + [-100] * pad})
+        self._info.setdefault("tokens", {})[split] = sum(len(r["input_ids"]) for r in rows)
+        return rows
 
     @property
     def label_names(self) -> list[str] | None:

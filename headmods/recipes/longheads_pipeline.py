@@ -43,9 +43,13 @@ def run_passkey(run: "RecipeRun") -> bool:
 
         model, tokenizer, info = build_model(cfg.model)
     grids, rows = {}, []
-    longheads = copy.deepcopy(model)
-    swap(longheads, "longheads", chunk_size=p.chunk_size, attend_length=p.attend_length, selection=p.selection)
-    for name, m in (("full attention", model), ("longheads", longheads)):
+    candidates = [("full attention", model)]
+    for selection in dict.fromkeys([p.selection] + (["token"] if p.compare_token else [])):
+        m = copy.deepcopy(model)
+        swap(m, "longheads", chunk_size=p.chunk_size, attend_length=p.attend_length, selection=selection)
+        candidates.append(("longheads" if selection == p.selection else f"longheads {selection}", m))
+    longheads = candidates[1][1]
+    for name, m in candidates:
         start = time.perf_counter()
         grid = passkey_accuracy(m, tokenizer, p.lengths, p.depths, trials=p.trials, seed=cfg.data.seed if cfg.data else 0)
         seconds = time.perf_counter() - start
@@ -64,6 +68,7 @@ def run_passkey(run: "RecipeRun") -> bool:
         f"{p.trials} prompts per (length, depth); a prompt counts when the model's argmax writes every token of the "
         f"five-digit key (what greedy decoding would write). LongHeads: chunks of {p.chunk_size} tokens, "
         f"{p.attend_length} tokens attended per query ({p.attend_length // p.chunk_size} chunks), {p.selection} "
-        f"selection, training-free; the same weights as full attention.\n\n") + markdown_table(rows))
+        f"selection (\"longheads token\": the official per-token selection, for comparison), training-free; the same "
+        f"weights as full attention.\n\n") + markdown_table(rows))
     run.save(longheads, tokenizer, "model", source=info.get("source"))
     return True

@@ -343,3 +343,29 @@ def test_lightning_resume_mid_epoch_reproduces_the_uninterrupted_batches(tmp_pat
     tail = run(str(tmp_path / "ckpt" / "step=3.ckpt"))
     assert len(tail) == resumed and tail[0][0] < tail[-1][0]  # mid-epoch start, crosses an epoch boundary
     assert tail == full[len(full) - resumed :]
+
+
+@pytest.mark.parametrize("loss", ["answer", "all"])
+def test_passkey_rows_keep_each_prompt_whole_and_score_the_answer(tmp_path, loss):
+    from headmods.recipes.scratch import BPEFactory
+
+    dm = _dm(tmp_path, task="causal-lm", tokenizer=BPEFactory(300), kind="passkey", passkey_samples=12,
+             passkey_filler=8, max_length=160, passkey_loss=loss)
+    dm.setup()
+    tok = dm.tokenizer
+    for row in dm.train_dataset:
+        assert len(row["input_ids"]) == len(row["labels"]) == 160
+        scored = [t for t in row["labels"] if t != -100]
+        text = tok.decode([t for t in row["input_ids"] if t != dm.pad_id])
+        assert text.startswith("The grass") or text.startswith("The pass key") or "pass key is" in text
+        key = text.split("The pass key is ")[1][:5]
+        assert text.rstrip().endswith(f"The pass key is {key}.")  # one whole prompt and its answer
+        if loss == "answer":
+            assert tok.decode(scored).strip() == f"{key}."
+        else:
+            assert scored == [t for t in row["input_ids"] if t != dm.pad_id][:len(scored)]
+    with pytest.raises(ValueError, match="lower data.passkey_filler"):
+        _dm(tmp_path, task="causal-lm", tokenizer=BPEFactory(300), kind="passkey", passkey_samples=4,
+            passkey_filler=80, max_length=64).setup()
+    with pytest.raises(ValueError, match="passkey_loss must be 'all' or 'answer'"):
+        DataConfig("passkey", passkey_loss="key")
