@@ -66,7 +66,7 @@ def decoupled_attend(
     dropout_p: float = 0.0,
     impl: str = "auto",
     need_weights: bool = False,
-    chunk: int = 1024,
+    chunk: int = 2048,
 ) -> tuple[Tensor, Tensor | None]:
     """Scaled dot-product attention where keys and values have their own head groupings.
 

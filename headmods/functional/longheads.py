@@ -180,9 +180,9 @@ def longheads_attention(q: Tensor, k: Tensor, v: Tensor, reps: Tensor, *, chunk_
             kg = apply_rope(torch.gather(k, 2, k_index), cos[:, :length], sin[:, :length])
             vg = torch.gather(v, 2, v_index)
         else:
-            gathered = torch.gather(k, 2, k_index, out=buffers.get("k", k, length))
+            gathered = _gather_rows(k, index, buffers.get("k", k, length), k_index)
             kg = _rope_into(gathered, cos[:, :length], sin[:, :length], buffers.get("k_roped", k, length))
-            vg = torch.gather(v, 2, v_index, out=buffers.get("v", v, length))
+            vg = _gather_rows(v, index, buffers.get("v", v, length), v_index)
         n = e - s
         qb = apply_rope(q[:, :, s - q_start:e - q_start], cos[:, length - n:length], sin[:, length - n:length])
         out[:, :, s - q_start:e - q_start] = _causal(qb, kg, vg, scale, masks)
@@ -224,6 +224,27 @@ def _per_token(q: Tensor, k: Tensor, v: Tensor, out: Tensor, chosen: Tensor, bou
         o = F.scaled_dot_product_attention(qt, kg, vg, attn_mask=mask, scale=scale, enable_gqa=h != h_kv)
         out[:, :, t - q_start] = o.view(B, n, h, -1).transpose(1, 2)
         start = end
+
+
+def _gather_rows(x: Tensor, index: Tensor, out: Tensor, expanded: Tensor) -> Tensor:
+    """``x[b, j, index[b, j, l]]`` into ``out (B, h_kv, L, d)``: one ``index_select`` of whole rows.
+
+    ``x`` may be any layout whose rows of ``d`` values are contiguous (projections seen
+    head-first, a cache slice); rows are addressed through their storage strides. Other layouts
+    fall back to ``torch.gather`` (element-wise, several times slower).
+    """
+    d = x.size(-1)
+    s0, s1, s2, s3 = x.stride()
+    if s3 != 1 or any(s % d for s in (s0, s1, s2)) or x.storage_offset() % d or not out.is_contiguous():
+        return torch.gather(x, 2, expanded, out=out)
+    B, h_kv, L = index.shape
+    rows = torch.as_strided(x, (x.untyped_storage().nbytes() // x.element_size() // d - x.storage_offset() // d, d),
+                            (d, 1))
+    base = (torch.arange(B, device=x.device)[:, None, None] * (s0 // d)
+            + torch.arange(h_kv, device=x.device)[None, :, None] * (s1 // d))
+    flat = (base + index * (s2 // d)).reshape(-1)
+    torch.index_select(rows, 0, flat, out=out.view(B * h_kv * L, d))
+    return out
 
 
 class _Buffers:
