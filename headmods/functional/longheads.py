@@ -284,7 +284,8 @@ def _causal(q: Tensor, k: Tensor, v: Tensor, scale: float, masks: dict | None = 
     if Tq == 1:
         return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
     masks = {} if masks is None else masks
-    keep = masks.get((Tq, Tk))
-    if keep is None:
-        keep = masks[(Tq, Tk)] = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale, enable_gqa=gqa)
+    bias = masks.get((Tq, Tk))
+    if bias is None:  # additive, in q's dtype, built once per shape (SDPA would convert a bool mask per call)
+        keep = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
+        bias = masks[(Tq, Tk)] = torch.zeros(Tq, Tk, dtype=q.dtype, device=q.device).masked_fill(~keep, float("-inf"))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, enable_gqa=gqa)
