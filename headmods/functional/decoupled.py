@@ -8,9 +8,10 @@ query heads in memory. Two paths:
 - **grouped** (decoding: few queries, no gradient): the query heads are ordered by key head, so
   each key head's scores are one matmul; the probability rows are then regrouped by value head
   (one ``index_select`` of ``(B, h, Tq, C)`` rows) so each value head's output is one matmul.
-  The key axis is walked in chunks of ``chunk`` keys with an online softmax: the temporaries stay
-  a few hundred KB, which is what made this path fast on CPU (``spec/performance.md`` §4:
-  expanding a 8192-token cache costs 2.3-12x MHA's step; the grouped chunked walk 0.4x).
+  The key axis is walked in chunks of ``chunk`` keys (2048 by default) with an online softmax,
+  so the temporaries stay under a MB (``spec/performance.md`` §4: expanding a 8192-token cache
+  costs 2.3-12x MHA's decode step there, the prototype's grouped chunked walk 0.4x; this
+  implementation measured 0.54-0.66x, ``benchmarks/results/dha_cpu.md``).
 - **paired** (prefill and training): every distinct (key head, value head) pair that some query
   head uses becomes one kv head (``index_select`` of at most ``h`` heads, usually fewer), and
   :func:`headmods.functional.attend` runs SDPA (flash, dropout, backward) over it with a
