@@ -59,7 +59,7 @@ def make(B=2, T=9, h_r=4, h_kv=4, Tk=None, dv=d, density=0.5, bias=True, seed=0)
     return x, q_weight, q_bias, o_weight, k, v, gate
 
 
-def assert_matches_reference(args, kv_of_head, **kw):
+def check_against_reference(args, kv_of_head, **kw):
     x, q_weight, q_bias, o_weight, k, v, gate = args
     out = routed_attention(x, q_weight, q_bias, o_weight, k, v, kv_of_head, gate, **kw)
     kw = {key: val for key, val in kw.items() if key not in ("block", "use_lse")}
@@ -80,13 +80,13 @@ def rope_tables(B, T, q_offset=0):
 @pytest.mark.parametrize("use_lse", [None, False])
 @pytest.mark.parametrize("causal", [False, True])
 def test_matches_reference(causal, use_lse):
-    assert_matches_reference(make(), [0, 1, 2, 3], causal=causal, use_lse=use_lse)
+    check_against_reference(make(), [0, 1, 2, 3], causal=causal, use_lse=use_lse)
 
 
 @pytest.mark.parametrize("use_lse", [None, False])
 @pytest.mark.parametrize("block", [1, 4, 5, 13, 256])
 def test_causal_blocks_not_dividing_the_length(block, use_lse):
-    assert_matches_reference(make(B=2, T=13, density=0.6), [0, 1, 2, 3], causal=True, block=block, use_lse=use_lse)
+    check_against_reference(make(B=2, T=13, density=0.6), [0, 1, 2, 3], causal=True, block=block, use_lse=use_lse)
 
 
 @pytest.mark.parametrize("use_lse", [None, False])
@@ -94,8 +94,8 @@ def test_causal_blocks_not_dividing_the_length(block, use_lse):
 def test_decoding_after_cached_keys(T, use_lse):
     q_offset = 11
     args = make(B=2, T=T, Tk=q_offset + T, density=0.7)
-    assert_matches_reference(args, [0, 1, 2, 3], causal=True, q_offset=q_offset, block=2, use_lse=use_lse)
-    assert_matches_reference(args, [0, 1, 2, 3], causal=False, q_offset=q_offset)  # every key visible
+    check_against_reference(args, [0, 1, 2, 3], causal=True, q_offset=q_offset, block=2, use_lse=use_lse)
+    check_against_reference(args, [0, 1, 2, 3], causal=False, q_offset=q_offset)  # every key visible
 
 
 def test_batches_select_differently_and_some_heads_get_nothing():
@@ -106,7 +106,7 @@ def test_batches_select_differently_and_some_heads_get_nothing():
     gate[0, 4] = 0.0  # a token with no routed head
     args = (x, q_weight, q_bias, o_weight, k, v, gate)
     for causal in (False, True):
-        out = assert_matches_reference(args, [0, 1, 2, 3], causal=causal, block=3)
+        out = check_against_reference(args, [0, 1, 2, 3], causal=causal, block=3)
         assert torch.equal(out[0, 4], torch.zeros(E, dtype=DT))
 
 
@@ -122,7 +122,7 @@ def test_uneven_loads_run_in_groups_of_similar_load(kv_of_head, h_kv, causal, mo
     original = routed_mod._load_runs
     monkeypatch.setattr(routed_mod, "_load_runs", lambda *a, **kw: seen.append(original(*a, **kw)) or seen[-1])
     for use_lse in (None, False):
-        assert_matches_reference((x, q_weight, q_bias, o_weight, k, v, gate), kv_of_head, causal=causal, block=16, use_lse=use_lse)
+        check_against_reference((x, q_weight, q_bias, o_weight, k, v, gate), kv_of_head, causal=causal, block=16, use_lse=use_lse)
     assert all(len(runs) > 1 for runs in seen), seen
 
 
@@ -140,7 +140,7 @@ def test_all_pairs_selected():
     x, q_weight, q_bias, o_weight, k, v, gate = make(B=2, T=7, density=1.0)
     assert (gate != 0).all()
     for causal in (False, True):
-        assert_matches_reference((x, q_weight, q_bias, o_weight, k, v, gate), [0, 1, 2, 3], causal=causal, block=3)
+        check_against_reference((x, q_weight, q_bias, o_weight, k, v, gate), [0, 1, 2, 3], causal=causal, block=3)
 
 
 def test_nothing_selected_gives_zeros():
@@ -159,9 +159,9 @@ def test_nothing_selected_gives_zeros():
 ])
 @pytest.mark.parametrize("causal", [False, True])
 def test_kv_maps(kv_of_head, h_kv, causal):
-    assert_matches_reference(make(B=2, T=11, h_kv=h_kv, density=0.6), kv_of_head, causal=causal, block=4)
+    check_against_reference(make(B=2, T=11, h_kv=h_kv, density=0.6), kv_of_head, causal=causal, block=4)
     if causal:
-        assert_matches_reference(make(B=2, T=11, h_kv=h_kv, density=0.6), kv_of_head, causal=True, block=4, use_lse=False)
+        check_against_reference(make(B=2, T=11, h_kv=h_kv, density=0.6), kv_of_head, causal=True, block=4, use_lse=False)
 
 
 @pytest.mark.parametrize("batch_tables", [True, False])
@@ -170,7 +170,7 @@ def test_rope_at_each_pairs_position(causal, batch_tables):
     B, T, q_offset = 2, 10, 3
     args = make(B=B, T=T, Tk=q_offset + T)
     cos, sin = rope_tables(B if batch_tables else 1, T, q_offset)
-    assert_matches_reference(args, [0, 1, 2, 3], rope=(cos, sin), causal=causal, q_offset=q_offset, block=4)
+    check_against_reference(args, [0, 1, 2, 3], rope=(cos, sin), causal=causal, q_offset=q_offset, block=4)
 
 
 @pytest.mark.parametrize("use_lse", [None, False])
@@ -184,14 +184,14 @@ def test_key_padding_and_queries_that_see_no_key(causal, use_lse):
     key_bias[2, ..., 1::3] = float("-inf")  # holes
     gate[1, :6, 0] = 1.0  # make sure some of those keyless queries are selected
     args = (x, q_weight, q_bias, o_weight, k, v, gate)
-    out = assert_matches_reference(args, [0, 1, 2, 3], causal=causal, key_bias=key_bias, block=4, use_lse=use_lse)
+    out = check_against_reference(args, [0, 1, 2, 3], causal=causal, key_bias=key_bias, block=4, use_lse=use_lse)
     if causal:
         assert torch.equal(out[1, :6], torch.zeros(6, E, dtype=DT))
     all_padded = key_bias.clone()
     all_padded[2] = float("-inf")  # batch 2 sees nothing at all
-    out = assert_matches_reference(args, [0, 1, 2, 3], causal=causal, key_bias=all_padded, block=4, use_lse=use_lse)
+    out = check_against_reference(args, [0, 1, 2, 3], causal=causal, key_bias=all_padded, block=4, use_lse=use_lse)
     assert torch.equal(out[2], torch.zeros(T, E, dtype=DT))
-    assert_matches_reference(args, [0, 1, 2, 3], causal=causal, key_bias=key_bias[:1], block=4, use_lse=use_lse)  # batch-broadcast
+    check_against_reference(args, [0, 1, 2, 3], causal=causal, key_bias=key_bias[:1], block=4, use_lse=use_lse)  # batch-broadcast
 
 
 def test_key_padding_over_a_cache():
@@ -202,7 +202,7 @@ def test_key_padding_over_a_cache():
     key_bias[1, ..., :q_offset + 2] = float("-inf")  # and beyond it: early queries of batch 1 see nothing
     args = (x, q_weight, q_bias, o_weight, k, v, gate)
     for use_lse in (None, False):
-        out = assert_matches_reference(args, [0, 1, 2, 3], causal=True, q_offset=q_offset, key_bias=key_bias, block=2, use_lse=use_lse)
+        out = check_against_reference(args, [0, 1, 2, 3], causal=True, q_offset=q_offset, key_bias=key_bias, block=2, use_lse=use_lse)
         assert torch.equal(out[1, :2], torch.zeros(2, E, dtype=DT))
 
 
@@ -214,7 +214,7 @@ def test_keyless_partial_attentions_before_a_live_one():
     key_bias[1, ..., :6] = float("-inf")  # blocks of 2: query 8's first range (keys 0-5) is padding,
     key_bias[1, ..., 8:10] = float("-inf")  # and so are its own block's keys; keys 6, 7 are not
     for use_lse in (None, False):
-        out = assert_matches_reference((x, q_weight, q_bias, o_weight, k, v, gate), [0, 1, 2, 3], causal=True, key_bias=key_bias,
+        out = check_against_reference((x, q_weight, q_bias, o_weight, k, v, gate), [0, 1, 2, 3], causal=True, key_bias=key_bias,
                     block=2, use_lse=use_lse)
         assert (out[1, 8:10] != 0).all()
 
@@ -237,7 +237,7 @@ def test_keyless_rows_are_zero_even_if_the_kernel_gives_nan(monkeypatch):
         kb = key_bias.clone()
         if not causal:
             kb[1] = float("-inf")  # batch 1 sees nothing
-        assert_matches_reference((x, q_weight, q_bias, o_weight, k, v, gate), [0, 1, 2, 3], causal=causal, key_bias=kb, block=4,
+        check_against_reference((x, q_weight, q_bias, o_weight, k, v, gate), [0, 1, 2, 3], causal=causal, key_bias=kb, block=4,
               use_lse=False)
 
 
@@ -273,14 +273,14 @@ def test_any_strides(causal):
     key_bias = torch.zeros(1, 1, 1, 13, dtype=DT)
     key_bias[..., 2] = float("-inf")
     for kk, vv in layouts.values():
-        assert_matches_reference((stored(x, 0, 1), q_weight, q_bias, o_weight, kk, vv, gate), [0, 1, 2, 3], causal=causal, block=4,
+        check_against_reference((stored(x, 0, 1), q_weight, q_bias, o_weight, kk, vv, gate), [0, 1, 2, 3], causal=causal, block=4,
               key_bias=key_bias.expand(2, 1, 1, 13))
 
 
 def test_custom_scale_and_value_dim():
     args = make(B=2, T=8, dv=5)
     for causal in (False, True):
-        assert_matches_reference(args, [0, 1, 2, 3], causal=causal, scale=0.3, block=3)
+        check_against_reference(args, [0, 1, 2, 3], causal=causal, scale=0.3, block=3)
 
 
 def test_add_to_adds_in_place():
