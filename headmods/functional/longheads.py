@@ -14,16 +14,19 @@ and keys; this module applies RoPE itself, at the positions LongHeads assigns.
   chunk 0, chunk ``cur - 1``, the current chunk cut at ``t`` (``t`` included; the official
   prefill leaves it out, an off-by-one we do not reproduce), and the ``K - 3`` chunks among
   ``1 .. cur - 2`` whose representation best matches the *un-roped* query (``q . c_g``, as the
-  official code scores). The chunks keep their order and are placed contiguously: keys at
+  official code scores; optionally the query roped at a fixed position, :func:`chunk_scores`). The chunks keep their order and are placed contiguously: keys at
   positions ``0 .. L-1``, the query at ``L - 1``, so no head ever sees a position beyond
   ``attend_length``.
 - GQA (not in the official code): a key/value head serves several query heads, so chunks are
   chosen per key/value head, from the *mean* of its query heads' scores, and all of them attend
   to the same chunks.
-- Selection granularity: ``block`` query tokens (a divisor of ``w``) choose once, from their
-  mean query (scores are linear in the query, so this is the mean of their scores). ``block=1``
-  is the official per-token selection; ``block=w`` (the default of the layer) is the deviation
-  that makes the cost linear in length with one SDPA call per block (``spec/performance.md`` §3).
+- Selection granularity: ``block`` query tokens (a divisor of ``w``) choose once, keeping for
+  each chunk the highest probability any of their tokens gives it (:func:`chunk_scores`).
+  ``block=1`` is the official per-token selection; ``block=w`` (the default of the layer) is the
+  deviation that makes the cost linear in length with one SDPA call per block
+  (``spec/performance.md`` §3). A block's choice uses all its queries, so a token's keys can
+  depend on the (at most ``block - 1``) tokens after it in its block: block selection is not
+  strictly causal inside a block. Decoding, a token at a time, is per-token and causal.
 
 Shapes: B batch, h query heads, h_kv key/value heads, d head_dim, Tq new queries, Tk keys
 (``q_start + Tq``), G complete chunks with a representation.
@@ -39,7 +42,7 @@ from torch import Tensor
 
 from .rope import apply_rope, rope_cos_sin
 
-__all__ = ["chunk_representations", "longheads_attention", "select_chunks", "check_longheads"]
+__all__ = ["chunk_representations", "chunk_scores", "longheads_attention", "select_chunks", "check_longheads"]
 
 
 def check_longheads(chunk_size: int, attend_length: int, begin: int, block: int) -> int:
@@ -93,6 +96,48 @@ def chunk_representations(q: Tensor, k: Tensor, v: Tensor, chunk_size: int, thet
     return c.reshape(B, G, h, d).transpose(1, 2)  # (B, h, G, d)
 
 
+def chunk_scores(q: Tensor, reps: Tensor, bounds: list[tuple[int, int]], h_kv: int, *, chunk_size: int,
+                 theta: float, scale: float, query_position: int | None = None) -> Tensor:
+    """How much each query block wants each chunk: ``(B, h_kv, Q, G)``, for :func:`select_chunks`.
+
+    Every query token ``t`` scores the chunks it may pick (``1 .. cur-2``) by ``q_t . c_g``, turned
+    into a distribution over them (softmax with the attention scale); a key/value head takes the
+    mean of its query heads' distributions, and a block keeps, per chunk, the largest probability
+    any of its tokens gives it. With one-token blocks this ranks chunks exactly as the official
+    ``q_t . c_g`` does. (A block's *mean* query, the obvious alternative, dilutes the one token that
+    asks for a distant chunk: on the passkey task it found the key 0 times in 20, this rule 19.)
+
+    Args:
+        q: ``(B, h, T, d)`` un-roped queries of the selective positions ``bounds[0][0] ..``.
+        reps: ``(B, h, G, d)`` chunk representations.
+        bounds: ``(start, end)`` absolute positions of the query blocks, contiguous, each inside
+            one chunk of ``chunk_size`` tokens.
+        query_position: ``None`` scores with the un-roped query, as the official code does (the
+            representation's keys carry RoPE at ``0..w-1``, the query none). An int places the query
+            at that RoPE position, so the score sees the keys at a distance the model was trained
+            on (a deviation, off by default; ``spec/algorithms.md`` §6 (j) question 2).
+    """
+    B, h, T, d = q.shape
+    G = reps.size(2)
+    first = bounds[0][0]
+    block_of = torch.cat([torch.full((e - s,), i, device=q.device) for i, (s, e) in enumerate(bounds)])
+    if query_position is not None:
+        q = _rope(q, torch.full((T,), query_position, device=q.device), theta)
+    g = torch.arange(G, device=q.device)
+    out = q.new_full((B, h_kv, len(bounds), G), float("-inf"))
+    step = max(1, (1 << 24) // max(1, B * h * G))  # tokens per slab: score tensors stay near 64 MB
+    for a in range(0, T, step):
+        b = min(T, a + step)
+        cur = torch.arange(first + a, first + b, device=q.device) // chunk_size
+        eligible = (g[None, :] >= 1) & (g[None, :] <= cur[:, None] - 2)  # (n, G)
+        s = torch.matmul(q[:, :, a:b], reps.transpose(-1, -2)).mul_(scale).masked_fill_(~eligible, float("-inf"))
+        p = s.softmax(dim=-1).nan_to_num_(0.0)  # a token with nothing to pick gives every chunk 0
+        p = p.view(B, h_kv, h // h_kv, b - a, G).mean(dim=2)
+        index = block_of[a:b].view(1, 1, -1, 1).expand(B, h_kv, b - a, G)
+        out.scatter_reduce_(2, index, p, reduce="amax")
+    return out
+
+
 def select_chunks(scores: Tensor, current: Tensor, chunks: int) -> Tensor:
     """Chunk indices per (batch, kv head, query block), ascending: 0, the best ``chunks - 3`` of
     ``1 .. cur-2``, ``cur - 1``, ``cur``.
@@ -116,7 +161,7 @@ def select_chunks(scores: Tensor, current: Tensor, chunks: int) -> Tensor:
 
 def longheads_attention(q: Tensor, k: Tensor, v: Tensor, reps: Tensor, *, chunk_size: int, attend_length: int,
                         begin: int, theta: float, q_start: int, block: int, scale: float | None = None,
-                        batch_tokens: bool = True) -> Tensor:
+                        query_position: int | None = None, batch_tokens: bool = True) -> Tensor:
     """LongHeads attention of ``Tq`` new queries over all ``Tk = q_start + Tq`` keys (causal).
 
     Args:
@@ -125,6 +170,7 @@ def longheads_attention(q: Tensor, k: Tensor, v: Tensor, reps: Tensor, *, chunk_
         reps: ``(B, h, G, d)`` chunk representations of at least the chunks selection may pick.
         chunk_size, attend_length, begin, block: see :func:`check_longheads`.
         theta: RoPE base.
+        query_position: RoPE position of the queries when scoring chunks (see :func:`chunk_scores`).
         q_start: position of the first query (the number of cached tokens before it).
         batch_tokens: with ``block=1``, batch a chunk's tokens into one call (False: the block
             loop with one-token blocks, one call per token; the same result, slower).
@@ -155,13 +201,11 @@ def longheads_attention(q: Tensor, k: Tensor, v: Tensor, reps: Tensor, *, chunk_
         bounds.append((s, e))
         s = e
     current = torch.tensor([s // w for s, _ in bounds], device=q.device)
-    groups = h // h_kv
-    means = torch.stack([q[:, :, s - q_start:e - q_start].mean(dim=2) for s, e in bounds], dim=2)  # (B, h, Q, d)
     needed = int(current.max()) - 1  # chunks 1 .. cur-2 may be picked
     if K > 3 and reps.size(2) < needed:
         raise ValueError(f"selection needs representations of chunks 0..{needed - 1}, got {reps.size(2)}")
-    scores = torch.matmul(means, reps[:, :, :max(needed, 1)].transpose(-1, -2))  # (B, h, Q, G)
-    scores = scores.view(B, h_kv, groups, len(bounds), -1).mean(dim=2)  # GQA: mean over each kv head's queries
+    scores = chunk_scores(q[:, :, dense_end - q_start:], reps[:, :, :max(needed, 1)], bounds, h_kv, chunk_size=w,
+                          theta=theta, scale=scale, query_position=query_position)  # (B, h_kv, Q, G)
     chosen = select_chunks(scores, current, K)  # (B, h_kv, Q, K)
     cos, sin = rope_cos_sin(torch.arange(K * w, device=q.device), d, theta, dtype=q.dtype)  # shared by all blocks
     offsets = torch.arange(w, device=q.device)

@@ -59,12 +59,16 @@ class LongHeadsConfig(AttentionConfig):
         begin_selective_length: queries before this position use full attention; default
             ``attend_length``.
         selection: ``"block"`` (one choice per block of ``chunk_size`` queries) or ``"token"``.
+        query_position: ``None`` (official) scores chunks with the un-roped query; an int ropes the
+            query at that position for scoring (e.g. ``attend_length // 2``), see
+            :func:`headmods.functional.longheads.chunk_scores`.
     """
 
     chunk_size: int = 256
     attend_length: int = 4096
     begin_selective_length: int | None = None
     selection: str = "block"
+    query_position: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -76,6 +80,9 @@ class LongHeadsConfig(AttentionConfig):
         if self.selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
         check_longheads(self.chunk_size, self.attend_length, self.begin_selective_length, self.block)
+        qp = self.query_position
+        if qp is not None and (isinstance(qp, bool) or not isinstance(qp, int) or qp < 0):
+            raise ValueError(f"query_position must be None or a non-negative int, got {qp!r}")
 
     @property
     def block(self) -> int:
@@ -121,7 +128,8 @@ def longheads_core(q: Tensor, k: Tensor, v: Tensor, past: int, state: LongHeadsS
     reps = state.update(q, k, v, past, config)
     return longheads_attention(q, k, v, reps, chunk_size=config.chunk_size, attend_length=config.attend_length,
                                begin=config.begin_selective_length, theta=config.rope_theta, q_start=past,
-                               block=config.block, scale=config.scale)
+                               block=config.block, scale=config.scale,
+                               query_position=config.query_position)
 
 
 def check_mask(mask: AttentionMask) -> None:

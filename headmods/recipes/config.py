@@ -215,6 +215,8 @@ class PasskeyStageConfig:
     depths: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)  # where the key sits in the filler
     trials: int = 10  # prompts per (length, depth)
     compare_token: bool = True  # also score the official per-token selection next to block selection
+    query_position: int | None = None  # None: chunks scored with the un-roped query (official); int: roped there
+    compare_unroped: bool = False  # with query_position set, also score the official un-roped query
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lengths", tuple(self.lengths))
@@ -231,6 +233,9 @@ class PasskeyStageConfig:
                         self.chunk_size if self.selection == "block" else 1)
         if self.selection not in ("block", "token"):
             raise ValueError(f"passkey.selection must be 'block' or 'token', got {self.selection!r}")
+        qp = self.query_position
+        if qp is not None and (isinstance(qp, bool) or not isinstance(qp, int) or qp < 0):
+            raise ValueError(f"passkey.query_position must be null or a non-negative int, got {qp!r}")
 
 
 @dataclass(frozen=True)

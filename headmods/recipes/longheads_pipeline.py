@@ -4,7 +4,8 @@ With ``model.scratch`` a small RoPE LM is first trained here on passkey prompts 
 ``data.max_length`` tokens (``train.max_steps``); with ``model.source`` a checkpoint is evaluated
 as it is (``model.variant: null`` keeps its own attention). The same model is then scored twice on
 the same prompts (:mod:`headmods.recipes.passkey`): as it is, and with every attention module
-swapped for LongHeads (``passkey.chunk_size``, ``passkey.attend_length``, ``passkey.selection``).
+swapped for LongHeads (``passkey.chunk_size``, ``passkey.attend_length``, ``passkey.selection``,
+``passkey.query_position``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,16 @@ if TYPE_CHECKING:
     from .runner import RecipeRun
 
 __all__ = ["run_passkey"]
+
+
+def _longheads_runs(p: Any) -> list[tuple[str, str, int | None]]:
+    """(name, selection, query_position) of each LongHeads evaluation; the configured one first."""
+    runs = [("longheads", p.selection, p.query_position)]
+    if p.compare_token and p.selection != "token":
+        runs.append(("longheads token", "token", p.query_position))
+    if p.compare_unroped and p.query_position is not None:
+        runs.append(("longheads unroped", p.selection, None))
+    return runs
 
 
 def run_passkey(run: "RecipeRun") -> bool:
@@ -44,10 +55,11 @@ def run_passkey(run: "RecipeRun") -> bool:
         model, tokenizer, info = build_model(cfg.model)
     grids, rows = {}, []
     candidates = [("full attention", model)]
-    for selection in dict.fromkeys([p.selection] + (["token"] if p.compare_token else [])):
+    for name, selection, position in _longheads_runs(p):
         m = copy.deepcopy(model)
-        swap(m, "longheads", chunk_size=p.chunk_size, attend_length=p.attend_length, selection=selection)
-        candidates.append(("longheads" if selection == p.selection else f"longheads {selection}", m))
+        swap(m, "longheads", chunk_size=p.chunk_size, attend_length=p.attend_length, selection=selection,
+             query_position=position)
+        candidates.append((name, m))
     longheads = candidates[1][1]
     for name, m in candidates:
         start = time.perf_counter()
@@ -66,9 +78,11 @@ def run_passkey(run: "RecipeRun") -> bool:
             "cbar": "accuracy", "limits": (0.0, 1.0)}
     run.report.add_section("Passkey retrieval", (
         f"{p.trials} prompts per (length, depth); a prompt counts when the model's argmax writes every token of the "
-        f"five-digit key (what greedy decoding would write). LongHeads: chunks of {p.chunk_size} tokens, "
+        f"five-digit key, decoding greedily after the prompt. LongHeads: chunks of {p.chunk_size} tokens, "
         f"{p.attend_length} tokens attended per query ({p.attend_length // p.chunk_size} chunks), {p.selection} "
-        f"selection (\"longheads token\": the official per-token selection, for comparison), training-free; the same "
-        f"weights as full attention.\n\n") + markdown_table(rows))
+        f"selection (\"longheads token\": the official per-token selection, for comparison), chunks scored with "
+        + ("the un-roped query (official)" if p.query_position is None else
+           f"the query roped at position {p.query_position} (\"unroped\": the official un-roped query)")
+        + ", training-free; the same weights as full attention.\n\n") + markdown_table(rows))
     run.save(longheads, tokenizer, "model", source=info.get("source"))
     return True

@@ -5,10 +5,11 @@ filler sentences, the line "The pass key is NNNNN. Remember it. NNNNN is the pas
 fraction ``depth`` of them, then "What is the pass key? The pass key is". :func:`passkey_prompt`
 sizes a prompt to a target number of *tokens* for a given tokenizer.
 
-Scoring is one forward per prompt: the answer's tokens are appended and a trial counts as
-retrieved when the model's argmax at every answer position is the right token, which is exactly
-when greedy decoding would write the key (teacher forcing changes nothing while every token is
-right).
+Scoring is greedy decoding: the prompt is run once (prefill, with a KV cache), then the model
+writes the answer a token at a time, and a trial counts as retrieved when it writes every token of
+the key. (Appending the answer and reading all its logits in one forward would give the same
+verdict for a strictly causal model, but not for LongHeads' block selection, where the queries of
+the answer tokens would help choose the chunks the question reads.)
 
 Example:
     >>> class Chars:  # a toy tokenizer: one token per character
@@ -21,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,7 +33,7 @@ from torch import nn
 
 from .text_sources import _FILLER, _QUESTION
 
-__all__ = ["PasskeyPrompt", "passkey_prompt", "passkey_accuracy"]
+__all__ = ["PasskeyPrompt", "passkey_prompt", "passkey_accuracy", "greedy_answer"]
 
 
 @dataclass
@@ -79,11 +81,20 @@ def passkey_accuracy(model: nn.Module, tokenizer: Any, lengths: Sequence[int], d
             hits = 0
             for _ in range(trials):
                 p = passkey_prompt(tokenizer, length, depth=depth, key=str(rng.randint(10000, 99999)))
-                ids = torch.tensor([p.prompt_ids + p.answer_ids], device=device)
-                logits = model(input_ids=ids).logits[0]
-                start = len(p.prompt_ids) - 1  # the logits that predict the first answer token
-                predicted = logits[start:start + len(p.answer_ids)].argmax(dim=-1).tolist()
-                hits += predicted == p.answer_ids
+                hits += greedy_answer(model, p.prompt_ids, len(p.answer_ids), device) == p.answer_ids
             row.append(hits / trials)
         grid[int(length)] = row
     return grid
+
+
+@torch.no_grad()
+def greedy_answer(model: nn.Module, prompt_ids: list[int], n: int, device: torch.device | str = "cpu") -> list[int]:
+    """The ``n`` tokens greedy decoding writes after the prompt (prefill once, then one token per step)."""
+    out = model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=True)
+    written = [int(out.logits[0, -1].argmax())]
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # transformers 5.x / 4.x
+    while len(written) < n:
+        cache = out.get("cache", None) or out.get("past_key_values", None)
+        out = model(input_ids=torch.tensor([written[-1:]], device=device), use_cache=True, **{name: cache})
+        written.append(int(out.logits[0, -1].argmax()))
+    return written

@@ -307,9 +307,10 @@ def test_passkey_scratch_recipe(tmp_path):
     out = _run("passkey_longheads_scratch", tmp_path, "data.passkey_samples=40", "data.passkey_filler=6",
                "model.scratch.hidden_size=32", "model.scratch.intermediate_size=48", "model.scratch.num_hidden_layers=1",
                "model.tokenizer=bpe:320", "data.max_length=160", "passkey.chunk_size=8", "passkey.attend_length=32",
-               "passkey.lengths=[64,160]", "passkey.depths=[0.5]", "passkey.trials=2")
+               "passkey.query_position=16", "passkey.lengths=[64,160]", "passkey.depths=[0.5]", "passkey.trials=2")
     metrics = json.loads((out / "metrics.json").read_text())["passkey"]
     assert set(metrics["full_attention"]) == {"64", "160", "seconds"} and set(metrics["longheads"]) >= {"64", "160"}
+    assert set(metrics) == {"full_attention", "longheads", "longheads_token", "longheads_unroped"}
     assert all(0.0 <= metrics[m][n] <= 1.0 for m in ("full_attention", "longheads") for n in ("64", "160"))
     assert (out / "passkey_longheads.png").is_file() and "Passkey retrieval" in (out / "report.md").read_text()
     model = headmods.load(out / "model")

@@ -33,8 +33,8 @@ def _naive_reps(q, k, v, w):
     return reps
 
 
-def _naive(q, k, v, w, attend, begin, block=1):
-    """The LongHeads rule, one query at a time; selection from the mean query of its block."""
+def _naive(q, k, v, w, attend, begin, block=1, query_position=None):
+    """The LongHeads rule, one query at a time; a block selects by its tokens' best chunk probabilities."""
     B, h, T, d = q.shape
     groups = h // k.size(1)
     K = attend // w
@@ -53,13 +53,21 @@ def _naive(q, k, v, w, attend, begin, block=1):
                 cur = t // w
                 first = max(begin, (t // block) * block)
                 last = min(T, (t // block + 1) * block)
-                scores = {}
-                for g in range(1, cur - 1):
-                    total = 0.0
+                eligible = list(range(1, cur - 1))
+                scores = {g: 0.0 for g in eligible}
+                for u in range(first, last):  # a block keeps each chunk's best probability over its tokens
+                    probs = {g: 0.0 for g in eligible}
                     for i2 in range(j * groups, (j + 1) * groups):  # mean over the kv head's query heads
-                        mean_q = q[b, i2, first:last].double().mean(dim=0)
-                        total += float(mean_q @ reps[b, i2, g])
-                    scores[g] = total / groups
+                        qu = q[b, i2, u].double()
+                        if query_position is not None:
+                            qu = rope_loop(qu[None], torch.tensor([query_position]), THETA)[0]
+                        logits = {g: float(qu @ reps[b, i2, g]) / math.sqrt(d) for g in eligible}
+                        top = max(logits.values(), default=0.0)
+                        norm = sum(math.exp(x - top) for x in logits.values())
+                        for g in eligible:
+                            probs[g] += math.exp(logits[g] - top) / norm / groups
+                    for g in eligible:
+                        scores[g] = max(scores[g], probs[g])
                 best = sorted(scores, key=lambda g: -scores[g])[:K - 3]
                 chosen = sorted([0, cur - 1, cur] + best)
                 positions = [g * w + r for g in chosen for r in range(w) if g * w + r <= t]
@@ -77,18 +85,18 @@ def _qkv(h=4, h_kv=2, T=44, d=8, seed=0):
             torch.randn(2, h_kv, T, d, generator=g, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("block", [1, 2, 4])
+@pytest.mark.parametrize("block,query_position", [(1, None), (2, None), (4, None), (1, 11), (4, 11)])
 @pytest.mark.parametrize("heads", [(4, 4), (4, 2)])
-def test_selection_equals_a_naive_loop(block, heads):
+def test_selection_equals_a_naive_loop(block, query_position, heads):
     w, attend, begin = 4, 20, 20  # K = 5: first, previous, current + the best 2
     q, k, v = _qkv(*heads)
-    expected = _naive(q, k, v, w, attend, begin, block)
+    expected = _naive(q, k, v, w, attend, begin, block, query_position)
     from headmods.functional.longheads import chunk_representations
 
     reps = chunk_representations(q[:, :, :40], k[:, :, :40], v[:, :, :40], w, THETA)
     torch.testing.assert_close(reps, _naive_reps(q[:, :, :40], k[:, :, :40], v[:, :, :40], w), atol=1e-6, rtol=1e-6)
     out = longheads_attention(q, k, v, reps, chunk_size=w, attend_length=attend, begin=begin, theta=THETA,
-                              q_start=0, block=block)
+                              q_start=0, block=block, query_position=query_position)
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)  # RoPE angles are float32, as in HF
 
 

@@ -51,7 +51,7 @@ def longheads_hf_attention(module: nn.Module, query: Tensor, key: Tensor, value:
 
 
 def use_longheads(model: nn.Module, *, chunk_size: int, attend_length: int, begin_selective_length: int | None = None,
-                  selection: str = "block") -> list[str]:
+                  selection: str = "block", query_position: int | None = None) -> list[str]:
     """Run every LLaMA-family attention module of ``model`` with LongHeads; returns their paths."""
     from .llama import LlamaHost
 
@@ -62,7 +62,8 @@ def use_longheads(model: nn.Module, *, chunk_size: int, attend_length: int, begi
             module.headmods_longheads = LongHeadsConfig(
                 embed_dim=c.hidden_size, num_heads=c.num_attention_heads, num_kv_heads=c.num_key_value_heads,
                 head_dim=module.head_dim, rope_theta=_host_rope_theta(module), chunk_size=chunk_size,
-                attend_length=attend_length, begin_selective_length=begin_selective_length, selection=selection)
+                attend_length=attend_length, begin_selective_length=begin_selective_length, selection=selection,
+                query_position=query_position)
             module.__dict__.pop("headmods_longheads_state", None)
             paths.append(path)
     if not paths:
