@@ -7,6 +7,8 @@ Every layer is a drop-in for ``nn.MultiheadAttention`` (see :class:`HeadAttentio
 from .cache import KVCache
 from .layers import (
     AttentionConfig,
+    CMHAConfig,
+    CMHAttention,
     DHAAttention,
     DHAConfig,
     HeadAttention,
@@ -16,6 +18,8 @@ from .layers import (
     MoHConfig,
     MultiHeadAttention,
     Projections,
+    RCMHAConfig,
+    RCMHAttention,
     SHRPAttention,
     SHRPConfig,
     collect_aux_losses,
@@ -28,6 +32,8 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "AttentionConfig",
+    "CMHAConfig",
+    "CMHAttention",
     "DHAAttention",
     "DHAConfig",
     "HeadAttention",
@@ -38,6 +44,8 @@ __all__ = [
     "MoHConfig",
     "MultiHeadAttention",
     "Projections",
+    "RCMHAConfig",
+    "RCMHAttention",
     "SHRPAttention",
     "SHRPConfig",
     "collect_aux_losses",

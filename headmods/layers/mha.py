@@ -82,13 +82,18 @@ class MultiHeadAttention(HeadAttention):
         q = project(query, self.q_proj).view(B, Tq, c.num_heads, c.head_dim).transpose(1, 2)  # (B, h, Tq, d)
         k = project(key, self.k_proj).view(B, Tk, c.num_kv_heads, c.head_dim).transpose(1, 2)  # (B, h_kv, Tk, d)
         v = project(value, self.v_proj).view(B, Tk, c.value_heads(), c.head_dim).transpose(1, 2)  # (B, h_v, Tk, d)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k = self.place_heads(q, k, rope)
         if cache is not None:
             k, v = cache.update(k, v)  # (B, h_kv, past + Tk, d)
         out, weights = self.attend_heads(q, k, v, mask, need_weights)
         out = out.transpose(1, 2).reshape(B, Tq, c.num_heads * c.head_dim)  # (B, Tq, h*d)
         return self.o_proj(out), weights
+
+    def place_heads(self, q: Tensor, k: Tensor, rope: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
+        """Positions on projected heads before caching: RoPE when given (variants that transform q, k override it)."""
+        if rope is None:
+            return q, k
+        return apply_rope(q, *rope), apply_rope(k, *rope)
 
     def attend_heads(self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask,
                      need_weights: bool) -> tuple[Tensor, Tensor | None]:

@@ -133,3 +133,18 @@ def test_smollm2_moh_qnorm_with_all_heads_keeps_logits_and_saves(smollm2, smollm
     ids = smollm2_tokenizer(["Python lists are mutable sequences."], return_tensors="pt")["input_ids"]
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, sparse(ids).logits, atol=0, rtol=0)
+
+
+@pytest.mark.slow
+def test_smollm2_cmha_at_the_rope_start_keeps_logits(smollm2, smollm2_tokenizer):
+    prompt = smollm2_tokenizer(["The capital of France is", "Water boils at"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        ref = smollm2(**prompt).logits
+    model = copy.deepcopy(smollm2)
+    report = headmods.swap(model, "cmha")  # delta = 1, beta = 0 on the host's own RoPE
+    attn = model.model.layers[0].self_attn
+    assert type(attn).variant == "cmha" and len(report.paths) == 30
+    assert tuple(attn.delta.shape) == (3, 32) and tuple(attn.beta.shape) == (9, 32)  # delta per kv head (GQA)
+    keep = prompt["attention_mask"].bool()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**prompt).logits[keep], ref[keep], atol=1e-4, rtol=0)
