@@ -63,8 +63,8 @@ from torch import Tensor, nn
 from ..functional.complex_phase import complex_phase
 from ..functional.rope import apply_rope
 from ..registry import register_variant
-from .config import AttentionConfig
-from .mha import MultiHeadAttention, check_keep
+from .config import AttentionConfig, host_rope
+from .mha import MultiHeadAttention, check_keep, slice_param
 
 __all__ = ["CMHAConfig", "CMHAttention", "PHASE_INITS"]
 
@@ -153,7 +153,7 @@ class CMHAttention(MultiHeadAttention):
         """
         if isinstance(module, nn.MultiheadAttention):
             return settings
-        theta = _host_rope_theta(module)
+        theta, _ = host_rope(module)  # scaled RoPE is fine: the host's (cos, sin) are used
         if theta is None:
             raise ValueError(f"CMHA needs rotary positions, and {type(module).__name__} gets none from its model "
                              "(absolute-position hosts such as BERT, GPT-2 and ViT are not supported); swap it into "
@@ -192,24 +192,9 @@ class CMHAttention(MultiHeadAttention):
         to_kv = c.query_to_kv()
         kept_kv = sorted({to_kv[i] for i in keep})
         super().prune_heads(keep)
-        self.delta = _keep_rows(self.delta, kept_kv)
-        self.beta = _keep_rows(self.beta, keep)
+        self.delta = slice_param(self.delta, 0, kept_kv)
+        self.beta = slice_param(self.beta, 0, keep)
         return self
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rope_theta={self.config.rope_theta}, phase_init={self.config.phase_init!r}"
-
-
-def _keep_rows(param: nn.Parameter, rows: list[int]) -> nn.Parameter:
-    """A new parameter holding ``rows`` of ``param`` (same device, dtype and ``requires_grad``)."""
-    index = torch.tensor(rows, device=param.device)
-    return nn.Parameter(param.detach().index_select(0, index).clone(), requires_grad=param.requires_grad)
-
-
-def _host_rope_theta(module: nn.Module) -> float | None:
-    """The plain RoPE base in a transformers module's config (``rope_parameters`` or ``rope_theta``)."""
-    config = getattr(module, "config", None)
-    params = getattr(config, "rope_parameters", None)
-    theta = params.get("rope_theta") if isinstance(params, dict) else None
-    theta = theta if theta is not None else getattr(config, "rope_theta", None)
-    return None if theta is None else float(theta)

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 from ..functional.attend import IMPLS, check_kv_map
 
-__all__ = ["AttentionConfig"]
+__all__ = ["AttentionConfig", "host_rope"]
 
 C = TypeVar("C", bound="AttentionConfig")
 
@@ -149,3 +149,17 @@ class AttentionConfig:
     def replace(self: C, **changes: Any) -> C:
         """A copy with ``changes`` applied and validated again."""
         return dataclasses.replace(self, **changes)
+
+
+def host_rope(module: Any) -> tuple[float | None, str]:
+    """``(rope_theta or None, rope_type)`` from a transformers attention module's ``config``.
+
+    Reads ``rope_parameters`` (transformers 5) or the plain ``rope_theta`` attribute (4.x);
+    ``rope_type`` is ``"default"`` for plain RoPE.
+    """
+    config = getattr(module, "config", None)
+    params = getattr(config, "rope_parameters", None)
+    params = params if isinstance(params, dict) else {}
+    theta = params.get("rope_theta")
+    theta = theta if theta is not None else getattr(config, "rope_theta", None)
+    return (None if theta is None else float(theta)), (params.get("rope_type") or "default")

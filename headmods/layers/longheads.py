@@ -40,8 +40,8 @@ from ..functional.longheads import check_longheads, chunk_representations, longh
 from ..functional.masks import AttentionMask
 from ..registry import register_variant
 from .base import CacheLike
-from .config import AttentionConfig
-from .mha import MultiHeadAttention, project
+from .config import AttentionConfig, host_rope
+from .mha import MultiHeadAttention
 
 __all__ = ["LongHeadsConfig", "LongHeadsAttention", "LongHeadsState", "SELECTIONS"]
 
@@ -167,9 +167,7 @@ class LongHeadsAttention(MultiHeadAttention):
         B, Tq = query.size(0), query.size(1)
         if key.size(1) != Tq:
             raise ValueError("LongHeads is self-attention: key and query lengths must match")
-        q = project(query, self.q_proj).view(B, Tq, c.num_heads, c.head_dim).transpose(1, 2)
-        k = project(key, self.k_proj).view(B, Tq, c.num_kv_heads, c.head_dim).transpose(1, 2)
-        v = project(value, self.v_proj).view(B, Tq, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        q, k, v = self.project_heads(query, key, value)  # un-roped
         past = 0 if cache is None else cache.seq_len
         if cache is not None:
             k, v = cache.update(k, v)  # un-roped keys: LongHeads places them anew for every query
@@ -178,14 +176,12 @@ class LongHeadsAttention(MultiHeadAttention):
 
 
 def _host_rope_theta(module: nn.Module) -> float:
-    config = getattr(module, "config", None)
-    params = getattr(config, "rope_parameters", None) or {}
-    if isinstance(params, dict) and params.get("rope_type", "default") not in ("default", None):
-        raise ValueError(f"LongHeads applies plain RoPE itself; this model uses rope_type "
-                         f"{params.get('rope_type')!r}, which headmods does not reproduce")
-    theta = params.get("rope_theta") if isinstance(params, dict) else None
-    theta = theta if theta is not None else getattr(config, "rope_theta", None)
+    """The host's plain RoPE base; scaled RoPE and models without RoPE are refused."""
+    theta, kind = host_rope(module)
+    if kind != "default":
+        raise ValueError(f"LongHeads applies plain RoPE itself; this model uses rope_type {kind!r}, which headmods "
+                         "does not reproduce")
     if theta is None:
         raise ValueError(f"LongHeads needs rotary embeddings; {type(module).__name__} has no rope_theta in its config "
                          "(pass rope_theta=... to swap if the model uses plain RoPE)")
-    return float(theta)
+    return theta

@@ -78,16 +78,23 @@ class MultiHeadAttention(HeadAttention):
              rope: tuple[Tensor, Tensor] | None = None, cache: CacheLike | None = None,
              need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
         c = self.config
-        B, Tq, Tk = query.size(0), query.size(1), key.size(1)
-        q = project(query, self.q_proj).view(B, Tq, c.num_heads, c.head_dim).transpose(1, 2)  # (B, h, Tq, d)
-        k = project(key, self.k_proj).view(B, Tk, c.num_kv_heads, c.head_dim).transpose(1, 2)  # (B, h_kv, Tk, d)
-        v = project(value, self.v_proj).view(B, Tk, c.value_heads(), c.head_dim).transpose(1, 2)  # (B, h_v, Tk, d)
+        B, Tq = query.size(0), query.size(1)
+        q, k, v = self.project_heads(query, key, value)
         q, k = self.place_heads(q, k, rope)
         if cache is not None:
             k, v = cache.update(k, v)  # (B, h_kv, past + Tk, d)
         out, weights = self.attend_heads(q, k, v, mask, need_weights)
         out = out.transpose(1, 2).reshape(B, Tq, c.num_heads * c.head_dim)  # (B, Tq, h*d)
         return self.o_proj(out), weights
+
+    def project_heads(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(B, T, D)`` inputs -> heads ``q (B, h, Tq, d)``, ``k (B, h_kv, Tk, d)``, ``v (B, h_v, Tk, d)``."""
+        c = self.config
+        B, Tq, Tk = query.size(0), query.size(1), key.size(1)
+        q = project(query, self.q_proj).view(B, Tq, c.num_heads, c.head_dim).transpose(1, 2)
+        k = project(key, self.k_proj).view(B, Tk, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        v = project(value, self.v_proj).view(B, Tk, c.value_heads(), c.head_dim).transpose(1, 2)
+        return q, k, v
 
     def place_heads(self, q: Tensor, k: Tensor, rope: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
         """Positions on projected heads before caching: RoPE when given (variants that transform q, k override it)."""
@@ -199,3 +206,9 @@ def slice_linear(linear: nn.Linear, *, rows: Tensor | None = None, cols: Tensor 
     if bias is not None:
         new.bias.requires_grad_(linear.bias.requires_grad)
     return new
+
+
+def slice_param(param: nn.Parameter, dim: int, index: Tensor | Sequence[int]) -> nn.Parameter:
+    """A new parameter holding the entries ``index`` of ``param`` along ``dim`` (``requires_grad`` kept)."""
+    index = torch.as_tensor(index, device=param.device)
+    return nn.Parameter(param.detach().index_select(dim, index).clone(), requires_grad=param.requires_grad)

@@ -89,7 +89,7 @@ from ..functional.rope import apply_rope
 from ..registry import register_variant
 from .base import CacheLike
 from .config import AttentionConfig, _check_int
-from .mha import MultiHeadAttention, _kept_groups, check_keep, project
+from .mha import MultiHeadAttention, _kept_groups, check_keep, slice_param
 
 __all__ = ["RCMHAConfig", "RCMHAttention", "RCMHAState", "HeadConv", "INITS"]
 
@@ -174,16 +174,12 @@ class HeadConv(nn.Module):
         if not self.per_head:
             return
         index = torch.tensor(list(heads), device=self.weight.device)
-        self.weight = _sliced(self.weight, 0, index)
-        self.bias = _sliced(self.bias, 0, index)
+        self.weight = slice_param(self.weight, 0, index)
+        self.bias = slice_param(self.bias, 0, index)
 
     def extra_repr(self) -> str:
         heads = f"heads={self.weight.size(0)}" if self.per_head else "shared"
         return f"{heads}, head_dim={self.weight.size(-2)}, kernel={self.weight.size(-1)}"
-
-
-def _sliced(param: nn.Parameter, dim: int, index: Tensor) -> nn.Parameter:
-    return nn.Parameter(param.detach().index_select(dim, index).clone(), requires_grad=param.requires_grad)
 
 
 class RCMHAState:
@@ -269,10 +265,8 @@ class RCMHAttention(MultiHeadAttention):
              rope: tuple[Tensor, Tensor] | None = None, cache: CacheLike | None = None,
              need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
         c = self.config
-        B, Tq, Tk = query.size(0), query.size(1), key.size(1)
-        q = project(query, self.q_proj).view(B, Tq, c.num_heads, c.head_dim).transpose(1, 2)  # (B, h, Tq, d)
-        k = project(key, self.k_proj).view(B, Tk, c.num_kv_heads, c.head_dim).transpose(1, 2)  # (B, h_kv, Tk, d)
-        v = project(value, self.v_proj).view(B, Tk, c.value_heads(), c.head_dim).transpose(1, 2)  # (B, h_kv, Tk, d)
+        B, Tq = query.size(0), query.size(1)
+        q, k, v = self.project_heads(query, key, value)  # (B, h, Tq, d), (B, h_kv, Tk, d) x 2
         if c.conv:
             q, k, v = self._convolve(q, k, v, cache)
         q_rel = q  # the relative term reads the un-rotated query
@@ -337,8 +331,8 @@ class RCMHAttention(MultiHeadAttention):
             self.v_conv.keep_heads(kept_v)
         if c.relative:
             index = torch.tensor(keep, device=self.rel_key.device)
-            self.content_bias = _sliced(self.content_bias, 0, index)
-            self.rel_key = _sliced(self.rel_key, 1, index)
-            self.rel_bias = _sliced(self.rel_bias, 1, index)
+            self.content_bias = slice_param(self.content_bias, 0, index)
+            self.rel_key = slice_param(self.rel_key, 1, index)
+            self.rel_bias = slice_param(self.rel_bias, 1, index)
         self.conv_state = RCMHAState()
         return self

@@ -153,7 +153,7 @@ class SHRPAttention(MultiHeadAttention):
              rope: tuple[Tensor, Tensor] | None = None, cache: CacheLike | None = None,
              need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
         c = self.config
-        B, Tq, Tk = query.size(0), query.size(1), key.size(1)
+        B, Tq = query.size(0), query.size(1)
         if c.drop_attention:
             self.aux_loss = None
             return query.new_zeros(B, Tq, c.embed_dim), None
@@ -166,9 +166,7 @@ class SHRPAttention(MultiHeadAttention):
             out = self._sparse_forward(query, key, value, mask, rope, cache, probs, choice)
             self._statistics(query, out, probs, choice)
             return out, None
-        q = project(query, self.q_proj).view(B, Tq, c.num_heads, c.head_dim).transpose(1, 2)  # (B, h, Tq, d)
-        k = project(key, self.k_proj).view(B, Tk, c.num_kv_heads, c.head_dim).transpose(1, 2)
-        v = project(value, self.v_proj).view(B, Tk, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        q, k, v = self.project_heads(query, key, value)  # (B, h, Tq, d), (B, h_kv, Tk, d) x 2
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
