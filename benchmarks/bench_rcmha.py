@@ -93,7 +93,7 @@ def build(name: str, P: int) -> nn.Module:
     settings = {"mha": None, "rcmha": {}, "mdha": {"relative": False}, "rmha": {"conv": False}}[name]
     if settings is None:
         return headmods.MultiHeadAttention(D, H, batch_first=True).eval()
-    layer = headmods.RCMHAttention(D, H, batch_first=True, init="official", max_relative_position=P, **settings)
+    layer = headmods.RCMHAttention(D, H, batch_first=True, conv_init="official", max_relative_position=P, **settings)
     with torch.no_grad():
         for n, p in layer.named_parameters():
             if n in ("content_bias", "rel_key", "rel_bias"):

@@ -41,10 +41,10 @@ Our choices:
 - Offsets past ``P`` share the last row instead of failing (the official slicing breaks past
   ``P`` tokens); future offsets (non-causal use) have their own ``P`` rows. Row layout and buckets:
   :mod:`headmods.functional.relative`.
-- ``init="identity"`` (default): every convolution is the identity (last tap 1, others and the
+- ``conv_init="identity"`` (default): every convolution is the identity (last tap 1, others and the
   bias 0) and ``u = R = b = 0``, so the layer computes exactly what MHA with the same projections
   computes: the start for converting a checkpoint (``from_mha``, ``headmods.swap``), whose absolute
-  positions (BERT, GPT-2) or RoPE (LLaMA) stay as they were. ``init="official"``: PyTorch's default
+  positions (BERT, GPT-2) or RoPE (LLaMA) stay as they were. ``conv_init="official"``: PyTorch's default
   ``Conv1d`` initialization, ``U(-1/sqrt(K), 1/sqrt(K))`` for the kernels and their bias, and zero
   ``u, R, b``, as the official code trains from scratch.
 - Order inside the layer: project, convolve, RoPE when the host or ``rope_theta`` gives it, cache,
@@ -66,7 +66,7 @@ Shapes: B batch, T length, D embed_dim, h heads, h_kv kv heads, d head_dim, K co
 n relative rows (``2P`` or ``relative_buckets``).
 
 Example:
-    >>> attn = RCMHAttention(64, 4, batch_first=True, max_relative_position=128, init="official")
+    >>> attn = RCMHAttention(64, 4, batch_first=True, max_relative_position=128, conv_init="official")
     >>> out, _ = attn(torch.randn(2, 10, 64), is_causal=True)
     >>> out.shape, attn.rel_key.shape, attn.q_conv.weight.shape
     (torch.Size([2, 10, 64]), torch.Size([256, 4, 16]), torch.Size([16, 3]))
@@ -109,8 +109,9 @@ class RCMHAConfig(AttentionConfig):
             bucketed: the distance from which all offsets share the last bucket.
         relative_buckets: None for clipped offsets, or an even number of T5-style log buckets
             (the rows of ``R`` and ``b``), half for past and half for future offsets.
-        init: ``"identity"`` (equals MHA: identity convolutions, zero ``u, R, b``) or
-            ``"official"`` (PyTorch's default convolution init, zero ``u, R, b``).
+        conv_init: ``"identity"`` (equals MHA: identity convolutions, zero ``u, R, b``) or
+            ``"official"`` (PyTorch's default convolution init, zero ``u, R, b``). Not called
+            ``init``: ``headmods.swap`` already takes ``init`` ("copy" / "random").
     """
 
     conv_kernel: int = 3
@@ -119,7 +120,7 @@ class RCMHAConfig(AttentionConfig):
     relative: bool = True
     max_relative_position: int = 1024
     relative_buckets: int | None = None
-    init: str = "identity"
+    conv_init: str = "identity"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -128,8 +129,8 @@ class RCMHAConfig(AttentionConfig):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         check_relative(self.max_relative_position, self.relative_buckets)
-        if self.init not in INITS:
-            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        if self.conv_init not in INITS:
+            raise ValueError(f"conv_init must be one of {INITS}, got {self.conv_init!r}")
 
     @property
     def num_relative(self) -> int:
@@ -238,17 +239,17 @@ class RCMHAttention(MultiHeadAttention):
         self.reset_method_parameters()
 
     def reset_parameters(self) -> None:
-        """Projections as ``nn.MultiheadAttention`` initializes them, RCMHA's parameters per ``config.init``."""
+        """Projections as ``nn.MultiheadAttention`` initializes them, RCMHA's parameters per ``config.conv_init``."""
         super().reset_parameters()
         if getattr(self, "_built", False):
             self.reset_method_parameters()
 
     def reset_method_parameters(self) -> None:
-        """Convolutions per ``config.init``; ``u``, ``R`` and ``b`` zero."""
+        """Convolutions per ``config.conv_init``; ``u``, ``R`` and ``b`` zero."""
         c = self.config
         if c.conv:
             for conv in (self.q_conv, self.k_conv, self.v_conv):
-                conv.reset_parameters(c.init)
+                conv.reset_parameters(c.conv_init)
         if c.relative:
             for p in (self.content_bias, self.rel_key, self.rel_bias):
                 nn.init.zeros_(p)

@@ -9,6 +9,8 @@ other light commands stay fast and ``import headmods`` never imports them.
 - :mod:`.tasks` / :mod:`.training`: classification and causal-LM tasks, resumable fits.
 - :mod:`.report` / :mod:`.plots`: ``report.md``, ``metrics.json`` and PNG plots.
 - :mod:`.runner`: convert / finetune / prune / eval / demo.
+- :mod:`.compare_pipeline` / :mod:`.positions`: the compare recipe (variants from the same random
+  init at equal steps; per variant the host's RoPE, learned absolute positions or none).
 
 Example:
     >>> from headmods.recipes import DataConfig

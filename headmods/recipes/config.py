@@ -240,23 +240,47 @@ class PasskeyStageConfig:
 
 @dataclass(frozen=True)
 class CompareConfig:
-    """Variants trained from the same random init, per seed, at equal steps (the ``compare`` recipe)."""
+    """Variants trained from the same random init, per seed, at equal steps (the ``compare`` recipe).
 
-    variants: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {variant, variant_config}
+    A variant entry is ``{variant: NAME, variant_config: {...}, positions: rope | absolute | none}``
+    (``positions`` defaults to ``rope``; see :mod:`headmods.recipes.positions`).
+    """
+
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {variant, variant_config, positions}
     seeds: tuple[int, ...] = (0,)
+    eval_every: int = 25  # validation-loss curve point every this many steps (and at the start and the end)
+    eval_batches: int = 8  # validation batches per curve point (the final evaluation uses all)
+    param_tolerance: float = 0.02  # the report warns when a variant's parameters differ more from the first's
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "seeds", tuple(self.seeds))
         if not self.variants:
             raise ValueError("compare.variants needs at least one entry: name -> {variant: ..., variant_config: {...}}")
         for name, spec in self.variants.items():
-            if not isinstance(spec, dict) or set(spec) - {"variant", "variant_config"} or "variant" not in spec:
-                raise ValueError(f"compare.variants.{name} must be {{variant: NAME, variant_config: {{...}}}}, got {spec!r}")
-            from ..registry import get_variant
-
-            get_variant(spec["variant"])
+            _check_compared(name, spec)
         if not self.seeds:
             raise ValueError("compare.seeds needs at least one seed")
+        _positive("compare.eval_every", self.eval_every)
+        _positive("compare.eval_batches", self.eval_batches)
+        tol = self.param_tolerance
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or tol < 0:
+            raise ValueError(f"compare.param_tolerance must be a fraction >= 0 (0.02 = 2 %), got {tol!r}")
+
+
+def _check_compared(name: str, spec: Any) -> None:
+    """One ``compare.variants`` entry: known keys, a registered variant, usable ``positions``."""
+    from ..registry import get_variant
+    from .positions import check_positions
+
+    keys = {"variant", "variant_config", "positions"}
+    if not isinstance(spec, dict) or set(spec) - keys or "variant" not in spec:
+        raise ValueError(f"compare.variants.{name} must be {{variant: NAME, variant_config: {{...}}, positions: "
+                         f"rope | absolute | none}}, got {spec!r}")
+    get_variant(spec["variant"])
+    if not isinstance(spec.get("variant_config", {}), dict):
+        raise ValueError(f"compare.variants.{name}.variant_config must be a mapping, "
+                         f"got {type(spec['variant_config']).__name__}")
+    check_positions(name, spec["variant"], spec.get("positions", "rope"))
 
 
 @dataclass(frozen=True)

@@ -99,6 +99,8 @@ class RunReport:
         curves: named ``(step, value)`` series, plotted to ``loss.png``.
         held_out: named ``(training tokens, held-out loss)`` series, plotted to ``held_out.png``
             (comparisons at equal tokens, e.g. the DHA recipe).
+        held_out_x: what the held-out series' x values count (``"training tokens"``; the compare
+            recipe plots against ``"training step"``): the plot's x label and the section heading.
         grids: named value grids, each plotted to ``<name>.png``: ``{"title", "rows": {label:
             [values]}, "columns": [labels], "xlabel", "ylabel", "cbar"}`` (e.g. passkey accuracy).
         head_scores: per layer path, one score per head, plotted to ``head_importance.png``.
@@ -122,6 +124,7 @@ class RunReport:
     metrics: dict[str, Any] = field(default_factory=dict)
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     held_out: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    held_out_x: str = "training tokens"
     grids: dict[str, dict[str, Any]] = field(default_factory=dict)
     head_scores: dict[str, list[float]] | None = None
     head_usage: dict[str, list[float]] | None = None
@@ -221,7 +224,7 @@ class RunReport:
         if "loss.png" in plots:
             parts.append("## Training curves\n\n![Training curves](loss.png)")
         if "held_out.png" in plots:
-            parts.append("## Held-out loss against training tokens\n\n![Held-out loss](held_out.png)")
+            parts.append(f"## Held-out loss against {self.held_out_x}\n\n![Held-out loss](held_out.png)")
         for name, grid in self.grids.items():
             if f"{name}.png" in plots:
                 parts.append(f"## {grid['title']}\n\n![{grid['title']}]({name}.png)")
@@ -266,7 +269,7 @@ class RunReport:
             written["loss.png"] = plot_curves(out / "loss.png", self.curves, title="Training curves")
         if "held_out.png" in data:
             written["held_out.png"] = plot_curves(out / "held_out.png", self.held_out, title="Held-out loss",
-                                                  xlabel="training tokens", ylabel="held-out loss")
+                                                  xlabel=self.held_out_x, ylabel="held-out loss")
         for name, grid in self.grids.items():
             if f"{name}.png" in data:
                 written[f"{name}.png"] = plot_heatmap(

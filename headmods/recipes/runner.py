@@ -251,41 +251,10 @@ class RecipeRun:
         return True
 
     def _compare(self) -> bool:
-        """Each variant from the same random init per seed, trained for the same steps."""
-        from ..swap import swap
-        from .scratch import parse_tokenizer_spec, scratch_model
+        """Each variant from the same random init per seed, trained for the same steps (models not saved)."""
+        from .compare_pipeline import run_compare
 
-        cfg = self.config
-        self.dm = self.data(parse_tokenizer_spec(cfg.model.tokenizer))
-        tokenizer = self.dm.tokenizer
-        rows = []
-        for seed in cfg.compare.seeds:
-            for name, spec in cfg.compare.variants.items():
-                L.seed_everything(seed, workers=True, verbose=False)
-                model = scratch_model(cfg.model.scratch, tokenizer)
-                swap(model, spec["variant"], **spec.get("variant_config", {}))
-                stage = f"{name}-seed{seed}"
-                if not self.train(model, stage, cfg.train.max_steps):
-                    return False
-                metrics = self.evaluate(model, stage)
-                rows.append({"variant": name, "seed": seed, **metrics})
-        reference = next(iter(cfg.compare.variants))
-        summary = []
-        for name in cfg.compare.variants:
-            losses = [r["val_loss"] for r in rows if r["variant"] == name]
-            mean = sum(losses) / len(losses)
-            params = next(r["params"] for r in rows if r["variant"] == name)
-            summary.append({"variant": name, "seeds": len(losses), "mean val_loss": mean, "params": params})
-        ref_loss = summary[0]["mean val_loss"]
-        for row in summary:
-            row[f"vs {reference}"] = row["mean val_loss"] / ref_loss - 1
-            self.report.add_metric(f"compare.{row['variant']}.mean_val_loss", row["mean val_loss"])
-            self.report.add_metric(f"compare.{row['variant']}.relative_to_{reference}", row[f"vs {reference}"])
-        self.report.add_section("Comparison", f"Every variant starts from the same random init for each seed and "
-                                f"trains {cfg.train.max_steps} steps on the same batches; relative = mean val_loss / "
-                                f"{reference}'s - 1.\n\n" + markdown_table(summary) + "\n\nPer run:\n\n"
-                                + markdown_table(rows))
-        return True
+        return run_compare(self)
 
     def _passkey(self) -> bool:
         from .longheads_pipeline import run_passkey
@@ -332,7 +301,7 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def summary_rows(report: RunReport) -> list[dict[str, Any]]:
     """One row per evaluated stage (validation metrics and parameters), then the speed rows."""
-    shown = ("val_loss", "val_accuracy", "val_f1", "val_ppl", "params")
+    shown = ("val_loss", "val_accuracy", "val_f1", "val_ppl", "val_token_accuracy", "params")
     rows = []
     for stage, values in report.metrics.items():
         if isinstance(values, dict) and any(k in values for k in shown[:-1]):

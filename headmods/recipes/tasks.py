@@ -4,7 +4,9 @@
   (micro) and macro-F1 from torchmetrics.
 - :class:`CausalLMTask`: a transformers ``*ForCausalLM`` model; perplexity from the summed
   negative log-likelihood and the token count, both accumulated with ``torchmetrics.SumMetric``
-  (``torchmetrics.text.Perplexity`` would materialize a softmax over the vocabulary).
+  (``torchmetrics.text.Perplexity`` would materialize a softmax over the vocabulary), and
+  next-token accuracy (``val_token_accuracy``: the argmax equals the next token) over the same
+  predicted positions (padding and ``-100`` labels left out).
 
 Both add ``aux_weight * headmods.collect_aux_losses(model, "mean")`` to the training loss (routed
 layers' load-balance terms, each already weighted by its layer config; ``aux_weight`` defaults to
@@ -134,33 +136,47 @@ class ClassificationTask(RecipeTask):
 
 
 class CausalLMTask(RecipeTask):
-    """Causal language modelling: next-token cross-entropy and perplexity."""
+    """Causal language modelling: next-token cross-entropy, perplexity and next-token accuracy."""
 
     def __init__(self, model: nn.Module, **kwargs: Any) -> None:
         super().__init__(model, **kwargs)
         self.val_nll = SumMetric(sync_on_compute=False)  # evaluated in one process (rank 0) after fit
         self.val_tokens = SumMetric(sync_on_compute=False)
+        self.val_correct = SumMetric(sync_on_compute=False)
 
-    def _nll(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """Summed next-token NLL and the number of predicted tokens."""
+    def _next_token(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Logits at positions ``0 .. T-2`` ``(B, T-1, V)`` and the tokens they predict ``(B, T-1)``
+        (``-100`` where nothing is predicted: padding, or labels already ``-100``)."""
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
         labels = batch["labels"][:, 1:]  # token t+1 is predicted at t
         if "attention_mask" in batch:
             labels = labels.masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
-        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
-        return nll, (labels != -100).sum()
+        return logits[:, :-1], labels
+
+    @staticmethod
+    def _summed_nll(logits: Tensor, labels: Tensor) -> Tensor:
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
+
+    def _nll(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Summed next-token NLL and the number of predicted tokens."""
+        logits, labels = self._next_token(batch)
+        return self._summed_nll(logits, labels), (labels != -100).sum()
 
     def task_loss(self, batch: dict[str, Tensor]) -> Tensor:
         nll, tokens = self._nll(batch)
         return nll / tokens.clamp_min(1)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        nll, tokens = self._nll(batch)
-        self.val_nll.update(nll)
-        self.val_tokens.update(tokens)
+        logits, labels = self._next_token(batch)
+        predicted = labels != -100
+        self.val_nll.update(self._summed_nll(logits, labels))
+        self.val_tokens.update(predicted.sum())
+        self.val_correct.update(((logits.argmax(-1) == labels) & predicted).sum())
 
     def compute_metrics(self) -> dict[str, Tensor]:
-        mean = self.val_nll.compute() / self.val_tokens.compute().clamp_min(1)
-        self.val_nll.reset()
-        self.val_tokens.reset()
-        return {"val_loss": mean, "val_ppl": torch.exp(mean)}
+        tokens = self.val_tokens.compute().clamp_min(1)
+        mean = self.val_nll.compute() / tokens
+        accuracy = self.val_correct.compute() / tokens
+        for metric in (self.val_nll, self.val_tokens, self.val_correct):
+            metric.reset()
+        return {"val_loss": mean, "val_ppl": torch.exp(mean), "val_token_accuracy": accuracy}

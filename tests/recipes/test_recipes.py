@@ -35,6 +35,7 @@ def test_every_shipped_recipe_is_covered_below():
     assert SHIPPED == {"convert_minilm_mha", "minilm_bbc_finetune", "minilm_bbc_prune", "minilm_bbc_eval",
                        "demo_minilm_bbc", "smollm2_pydoc_finetune", "smollm2_pydoc_eval",
                        "smollm2_moh_qnorm_convert", "minilm_moh_bbc_finetune", "compare_moh_pydoc_scratch",
+                       "compare_positions_pydoc_scratch",
                        "minilm_shrp_bbc", "dha_pydoc_scratch", "smollm2_dha_pydoc", "passkey_longheads_scratch",
                        "smollm2_passkey_longheads"}
     for name, path, summary in list_recipes():
@@ -138,6 +139,33 @@ def test_compare_recipe(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())["compare"]
     assert set(metrics) == {"mha", "moh100", "moh75", "moh50"} and metrics["mha"]["relative_to_mha"] == 0.0
     assert "Comparison" in (out / "report.md").read_text()
+
+
+def test_compare_positions_recipe(tmp_path):
+    out = _run("compare_positions_pydoc_scratch", tmp_path, "data.limit=24", "model.scratch.hidden_size=64",
+               "model.scratch.intermediate_size=96", "model.scratch.num_hidden_layers=2", "model.tokenizer=bpe:320",
+               "data.max_length=32", "model.scratch.max_position_embeddings=32", "compare.eval_every=1",
+               "compare.eval_batches=1")
+    metrics = json.loads((out / "metrics.json").read_text())
+    names = ["rope_mha", "cmha", "mha_absolute", "mdha", "rmha", "rcmha"]
+    assert set(metrics["compare"]) == set(names) and set(metrics["compare_curves"]) == set(names)
+    for name in names:
+        row = metrics["compare"][name]
+        assert row["mean_val_loss"] > 0 and 0 <= row["mean_val_token_accuracy"] <= 1 and row["params"] > 0
+        assert 0 <= metrics[f"{name}-seed0"]["val_token_accuracy"] <= 1
+        assert [step for step, _ in metrics["compare_curves"][name]] == [0, 1, 2]
+    assert metrics["compare"]["rope_mha"]["relative_to_rope_mha"] == 0.0
+    start = {name: metrics["compare_curves"][name][0][1] for name in names}
+    assert start["cmha"] == pytest.approx(start["rope_mha"], abs=1e-5)  # phase_init rope: RoPE attention at step 0
+    for name in ("mha_absolute", "rmha"):  # no host RoPE (rmha starts as MHA without positions)
+        assert abs(start[name] - start["rope_mha"]) > 1e-5
+    report = (out / "report.md").read_text()
+    assert (out / "held_out.png").is_file() and "## Held-out loss against training step" in report
+    assert "mean next-token accuracy" in report and "params vs rope_mha (%)" in report
+    for name in names:  # a note for every variant past the 2 % tolerance, none for the others
+        off = abs(metrics["compare"][name]["params_relative_to_rope_mha"]) > 0.02
+        assert (f"- {name} has " in report) == off
+    assert any(abs(metrics["compare"][n]["params_relative_to_rope_mha"]) > 0.02 for n in names)  # tiny: rows weigh more
 
 
 class Crash(Exception):

@@ -247,7 +247,7 @@ def test_identity_start_equals_mha(settings, causal):
 
 
 def test_switches_off_is_mha_even_with_the_official_init():
-    layer = rcmha(conv=False, relative=False, init="official", num_kv_heads=2)
+    layer = rcmha(conv=False, relative=False, conv_init="official", num_kv_heads=2)
     assert sorted(layer.state_dict()) == sorted(mha_like(layer).state_dict())
     x = torch.randn(B, 6, layer.embed_dim, dtype=torch.float64)
     assert torch.equal(layer(x, is_causal=True)[0], mha_like(layer)(x, is_causal=True)[0])
@@ -258,7 +258,7 @@ def test_switches_off_is_mha_even_with_the_official_init():
     (False, True, {"content_bias", "rel_key", "rel_bias"}),  # RMHA
 ])
 def test_ablation_switches_build_only_their_parameters(conv, relative, names):
-    layer = rcmha(conv=conv, relative=relative, init="official")
+    layer = rcmha(conv=conv, relative=relative, conv_init="official")
     extra = {k for k in layer.state_dict() if not k.split(".")[0].endswith("_proj")}
     assert names <= extra and all(("conv" in k) == conv for k in extra)
     other = randomize(rcmha(conv=conv, relative=relative))
@@ -268,7 +268,7 @@ def test_ablation_switches_build_only_their_parameters(conv, relative, names):
 
 
 def test_official_init_is_pytorch_conv_default_and_zero_relative_terms():
-    layer = RCMHAttention(256, 4, init="official", conv_kernel=4)
+    layer = RCMHAttention(256, 4, conv_init="official", conv_kernel=4)
     w = layer.q_conv.weight
     assert w.shape == (64, 4) and 0 < w.abs().max() <= 0.5 and w.std() > 0.2  # U(-1/2, 1/2)
     assert not torch.equal(layer.q_conv.weight, layer.k_conv.weight)
@@ -349,7 +349,7 @@ def test_gradients_reach_every_new_parameter_from_the_identity_start(settings):
     (dict(relative_buckets=True), r"relative_buckets must be None or an even int >= 4 .* got True"),
     (dict(relative_buckets=32, max_relative_position=8), r"max_relative_position \(8\) must exceed "
                                                           r"relative_buckets // 4 \(8\)"),
-    (dict(init="random"), r"init must be one of \('identity', 'official'\), got 'random'"),
+    (dict(conv_init="random"), r"conv_init must be one of \('identity', 'official'\), got 'random'"),
     (dict(conv="yes"), r"conv must be True or False, got 'yes'"),
 ])
 def test_bad_settings_are_refused(settings, message):
@@ -358,7 +358,7 @@ def test_bad_settings_are_refused(settings, message):
 
 
 def test_config_round_trips_and_the_registry_builds_it():
-    layer = headmods.create("rcmha", 16, 4, relative_buckets=8, conv_shared=False, init="official")
+    layer = headmods.create("rcmha", 16, 4, relative_buckets=8, conv_shared=False, conv_init="official")
     c = layer.config
     assert isinstance(c, RCMHAConfig) and RCMHAConfig.from_json(c.to_json()) == c and c.num_relative == 8
     rebuilt = RCMHAttention.from_config(c)

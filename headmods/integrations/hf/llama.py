@@ -6,7 +6,11 @@ else that has parameters (so Qwen3-style q/k norms are refused, not dropped).
 
 The adapter keeps the host's parameter names (``self_attn.q_proj.weight``, ...), takes RoPE as the
 ``position_embeddings`` the model computes (so every rope scaling the host supports carries over),
-caches through the host's ``Cache`` and returns ``(output, weights or None)``.
+caches through the host's ``Cache`` and returns ``(output, weights or None)``. Setting
+``host_rope = False`` on an adapter makes it ignore the host's RoPE (the core gets ``rope=None``):
+the layer then sees positions only through its own terms (RCMHA's relative logits and
+convolutions) or not at all; the ``compare`` recipe's ``positions: none | absolute`` uses it. The
+flag is not part of the layer config, so a headmods checkpoint does not record it.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ class LlamaAttentionAdapter:
 
     layer_idx: int = 0
     is_causal: bool = True
+    host_rope: bool = True  # False: the host's (cos, sin) are not passed to the core (rope=None)
 
     @property
     def num_key_value_groups(self) -> int:
@@ -42,7 +47,8 @@ class LlamaAttentionAdapter:
         cache = pick_cache(cache, past_key_values, past_key_value)
         view = None if cache is None else HFCacheView(cache, self.layer_idx, kwargs)
         mask = hf_mask(attention_mask, causal=self.is_causal)
-        return self.core(hidden_states, hidden_states, hidden_states, mask, rope=position_embeddings, cache=view,
+        rope = position_embeddings if self.host_rope else None
+        return self.core(hidden_states, hidden_states, hidden_states, mask, rope=rope, cache=view,
                          need_weights=bool(kwargs.get("output_attentions", False)))
 
 
