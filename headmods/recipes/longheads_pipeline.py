@@ -76,13 +76,16 @@ def run_passkey(run: "RecipeRun") -> bool:
             "title": f"Passkey accuracy, {name}", "rows": {str(n): a for n, a in grid.items()},
             "columns": [f"{d:g}" for d in p.depths], "xlabel": "depth of the key", "ylabel": "prompt tokens",
             "cbar": "accuracy", "limits": (0.0, 1.0)}
+    token_note = " (\"longheads token\": the official per-token selection, for comparison)" if any(
+        name == "longheads token" for name, _ in candidates) else ""
     run.report.add_section("Passkey retrieval", (
         f"{p.trials} prompts per (length, depth); a prompt counts when the model's argmax writes every token of the "
         f"five-digit key, decoding greedily after the prompt. LongHeads: chunks of {p.chunk_size} tokens, "
         f"{p.attend_length} tokens attended per query ({p.attend_length // p.chunk_size} chunks), {p.selection} "
-        f"selection (\"longheads token\": the official per-token selection, for comparison), chunks scored with "
+        f"selection{token_note}, chunks scored with "
         + ("the un-roped query (official)" if p.query_position is None else
-           f"the query roped at position {p.query_position} (\"unroped\": the official un-roped query)")
+           f"the query roped at position {p.query_position}" + (" (\"unroped\": the official un-roped query)"
+                                                               if p.compare_unroped else ""))
         + ", training-free; the same weights as full attention.\n\n") + markdown_table(rows))
     run.save(longheads, tokenizer, "model", source=info.get("source"))
     return True
