@@ -125,16 +125,20 @@ def chunk_scores(q: Tensor, reps: Tensor, bounds: list[tuple[int, int]], h_kv: i
         q = _rope(q, torch.full((T,), query_position, device=q.device), theta)
     g = torch.arange(G, device=q.device)
     out = q.new_full((B, h_kv, len(bounds), G), float("-inf"))
-    step = max(1, (1 << 24) // max(1, B * h * G))  # tokens per slab: score tensors stay near 64 MB
+    # slabs of at most 2048 tokens (and ~64 MB of scores); each scores only the chunks its tokens may pick
+    step = max(1, min(2048, (1 << 24) // max(1, B * h * G)))
     for a in range(0, T, step):
         b = min(T, a + step)
         cur = torch.arange(first + a, first + b, device=q.device) // chunk_size
-        eligible = (g[None, :] >= 1) & (g[None, :] <= cur[:, None] - 2)  # (n, G)
-        s = torch.matmul(q[:, :, a:b], reps.transpose(-1, -2)).mul_(scale).masked_fill_(~eligible, float("-inf"))
-        p = s.softmax(dim=-1).nan_to_num_(0.0)  # a token with nothing to pick gives every chunk 0
-        p = p.view(B, h_kv, h // h_kv, b - a, G).mean(dim=2)
-        index = block_of[a:b].view(1, 1, -1, 1).expand(B, h_kv, b - a, G)
-        out.scatter_reduce_(2, index, p, reduce="amax")
+        n = min(G, int(cur[-1]) - 1)  # chunks 1 .. cur-2 of the slab's last token, plus chunk 0
+        if n < 2:
+            continue  # nothing to pick yet: every probability stays -inf
+        eligible = (g[None, :n] >= 1) & (g[None, :n] <= cur[:, None] - 2)  # (tokens, n)
+        s = torch.matmul(q[:, :, a:b], reps[:, :, :n].transpose(-1, -2)).mul_(scale)
+        p = s.masked_fill_(~eligible, float("-inf")).softmax(dim=-1).nan_to_num_(0.0)  # no choice: 0 everywhere
+        p = p.view(B, h_kv, h // h_kv, b - a, n).mean(dim=2)
+        index = block_of[a:b].view(1, 1, -1, 1).expand(B, h_kv, b - a, n)
+        out[..., :n].scatter_reduce_(2, index, p, reduce="amax")
     return out
 
 
