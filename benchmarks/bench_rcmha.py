@@ -19,20 +19,19 @@ of per-round ratios against MHA (:func:`headmods.bench.compare`).
 
 Peak memory: each candidate is measured in a fresh subprocess (this script with ``--measure``):
 it builds the layer and input, runs one forward at 8 tokens so libraries finish their one-time
-set-up, returns freed heap to the OS (``malloc_trim``), resets the kernel's peak-RSS mark to the
-current resident set (``/proc/self/clear_refs``; without it, the peak of the imports hides any
-smaller forward), reads ``resource.getrusage(RUSAGE_SELF).ru_maxrss``, runs one forward at full
-length, and reports how far the peak rose. That is the extra resident memory at the peak of the
-forward, an upper bound on its live tensors, independent of what other candidates left behind.
+set-up, then measures one forward at full length with :func:`headmods.bench.peak_memory_mb`:
+free heap goes back to the OS (``malloc_trim``), the kernel's peak resident set ``VmHWM`` is reset
+to the current one (``/proc/self/clear_refs``), and the result is how far ``VmHWM`` rose above
+``VmRSS`` during the forward. That is the extra resident memory at the peak of the forward, an
+upper bound on its live tensors, independent of what other candidates left behind. (An earlier
+version read ``getrusage``'s ``ru_maxrss``, which ``clear_refs`` does not reset: the peak of the
+imports hid every forward and the column read 0.0.)
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import math
-import resource
 import subprocess
 import sys
 
@@ -40,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 import headmods
-from headmods.bench import compare
+from headmods.bench import compare, peak_memory_mb
 
 D, H = 768, 12
 
@@ -111,18 +110,8 @@ def measure(name: str, T: int, P: int, threads: int) -> None:
     layer, x = build(name, P), torch.randn(1, T, D)
     with torch.no_grad():
         forward(layer, x[:, :8])  # one-time library set-up, at a negligible size
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        if hasattr(libc, "malloc_trim"):
-            libc.malloc_trim(0)
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # peak RSS := current RSS
-        except OSError:
-            pass  # elsewhere the delta is a lower bound
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux
-        forward(layer, x)
-        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print((after - before) / 1024)
+        peak = peak_memory_mb(lambda: forward(layer, x))
+    print("nan" if peak is None else peak)
 
 
 def peak_mb(name: str, a: argparse.Namespace) -> float:

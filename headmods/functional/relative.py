@@ -34,11 +34,24 @@ it belongs, as the causal mask of :mod:`headmods.functional.masks` aligns it). T
   in each half, distances below a quarter of ``n`` get one bucket each and the rest share
   log-spaced buckets up to ``max_distance``, beyond which all share the last one.
 
-``q · Rᵀ`` is computed once per query over only the rows the offsets in play use, ``(B, h, Tq,
-W)`` with ``W <= min(n, Tq + Tk - 1)``, and then gathered into ``(B, h, Tq, Tk)`` along the last
-dimension through a ``(Tq, Tk)`` index; a ``(Tq, Tk, d)`` tensor never exists. With ``causal``,
-future offsets point at one extra column that holds ``-inf``, so the gather also applies the
-causal mask (and the ``q · R`` window shrinks to ``Δ >= 0``).
+Two ways to build the ``(B, h, Tq, Tk)`` term; a ``(Tq, Tk, d)`` tensor never exists in either.
+
+- Gather (:func:`relative_index`, :func:`relative_logits`; the layer uses it for one query, when
+  decoding): ``q · Rᵀ`` is computed once per query over only the rows the offsets in play use,
+  ``(B, h, Tq, W)`` with ``W <= min(n, Tq + Tk - 1)``, and then gathered into ``(B, h, Tq, Tk)``
+  along the last dimension through a ``(Tq, Tk)`` index. With ``causal``, future offsets point at
+  one extra column that holds ``-inf``, so the gather also applies the causal mask (and the
+  ``q · R`` window shrinks to ``Δ >= 0``).
+- Skew (:func:`offset_rows`, :func:`offset_keys`, :func:`offset_logits`, :func:`skew`; the layer
+  uses it for blocks of queries): ``R`` and ``b`` are laid out once per call by offset, latest key
+  first, as a contiguous ``(h, d + 1, M)`` table scaled by ``scale`` (column ``m`` holds the row
+  of ``Δ = Tk - 1 - m``, ``b`` in the last place). For queries ``s .. e-1`` one matmul of the
+  queries with a trailing 1 against columns ``Tq - e ..`` gives ``(q · R + b) * scale`` by offset,
+  written into a ``(B, h, n, n - 1 + k_end)`` table whose columns past ``M`` hold ``-inf``; row
+  ``r`` of the block's bias is then a contiguous slice of table row ``r`` starting ``n - 1 - r``
+  in, so :func:`skew` makes the bias an ``as_strided`` view with no gather and no copy. It needs
+  only the offsets of the block's own (query, key) pairs, and its table can be reused from block
+  to block.
 
 Shapes: B batch, h heads, T / Tq / Tk lengths, d head_dim, K kernel, n relative rows.
 """
@@ -51,7 +64,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["causal_depthwise_conv", "relative_buckets", "relative_rows", "num_relative_rows", "check_relative",
-           "relative_index", "relative_logits"]
+           "relative_index", "relative_logits", "offset_rows", "offset_keys", "offset_logits", "skew"]
 
 
 def causal_depthwise_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, prev: Tensor | None = None) -> Tensor:
@@ -222,3 +235,74 @@ def relative_logits(q: Tensor, rel_key: Tensor, rel_bias: Tensor | None, index: 
     scores = torch.matmul(q * scale, key.permute(1, 2, 0))  # (B, h, Tq, W + 1)
     scores = scores + bias.t()[:, None, :]
     return scores.gather(-1, index.expand(B, h, Tq, index.size(-1)))  # (B, h, Tq, Tk)
+
+
+# -- the blocked path: logits by offset, skewed into place ---------------------------------------
+def offset_rows(q_len: int, k_len: int, *, max_distance: int, num_buckets: int | None = None, causal: bool = False,
+                device: torch.device | str | None = None) -> Tensor:
+    """The row of ``R`` / ``b`` for each offset in play, latest key first: entry ``m`` is ``row(Tk - 1 - m)``.
+
+    ``M = Tk`` entries when ``causal`` (offsets ``Tk - 1 .. 0``), else ``Tq + Tk - 1`` (down to
+    ``-(Tq - 1)``). Query ``i`` (end-aligned) and key ``j`` have offset ``Tk - 1 - m`` for
+    ``m = Tq - 1 - i + j``.
+
+    >>> offset_rows(2, 3, max_distance=4)
+    tensor([6, 5, 4, 3])
+    """
+    lowest = 0 if causal else 1 - q_len
+    deltas = torch.arange(k_len - 1, lowest - 1, -1)
+    return relative_rows(deltas, max_distance=max_distance, num_buckets=num_buckets).to(device)
+
+
+def offset_keys(rel_key: Tensor, rel_bias: Tensor | None, rows: Tensor, *, scale: float = 1.0) -> Tensor:
+    """``(h, d + 1, M)`` contiguous: column ``m`` is ``[R[rows[m]], b[rows[m]]] * scale`` for each head.
+
+    A query with a trailing 1 (``(..., d + 1)``) times column ``m`` is ``(q · R + b) * scale``
+    for that offset, so one matmul gives the bias as well (:func:`offset_logits`).
+    """
+    key = rel_key.index_select(0, rows)  # (M, h, d)
+    bias = rel_bias.index_select(0, rows) if rel_bias is not None else key.new_zeros(key.shape[:2])  # (M, h)
+    both = torch.cat([key, bias[..., None]], dim=-1)  # (M, h, d + 1)
+    return (both.permute(1, 2, 0) * scale).contiguous()
+
+
+def offset_logits(q1: Tensor, keys: Tensor, *, start: int, width: int, out: Tensor | None = None) -> Tensor:
+    """``(B, h, Tq, width)``: column ``c`` is ``q1 · keys[:, :, start + c]``, ``-inf`` past the end of ``keys``.
+
+    Args:
+        q1: ``(B, h, Tq, d + 1)``, queries with a trailing 1.
+        keys: ``(h, d + 1, M)`` from :func:`offset_keys`.
+        start: the first column of ``keys`` used.
+        width: columns of the result; those at ``start + c >= M`` hold ``-inf`` (blocked offsets).
+        out: a contiguous ``(B, h, Tq, width)`` tensor to write into (not under autograd), or None.
+    """
+    B, h, n, _ = q1.shape
+    valid = max(0, min(width, keys.size(-1) - start))
+    part = keys[:, :, start:start + valid]
+    if out is None:  # differentiable: a fresh tensor
+        logits = torch.matmul(q1, part)
+        if valid == width:
+            return logits
+        return torch.cat([logits, logits.new_full((B, h, n, width - valid), -math.inf)], dim=-1)
+    for b in range(B):  # straight into the strided columns: a bmm per batch, no copy of keys
+        torch.bmm(q1[b], part, out=out[b, :, :, :valid])
+    out[..., valid:].fill_(-math.inf)
+    return out
+
+
+def skew(table: Tensor, k_len: int) -> Tensor:
+    """The view ``(B, h, n, k_len)`` of a contiguous ``(B, h, n, W)`` table: ``[..., r, j] = table[..., r, n-1-r+j]``.
+
+    Needs ``W >= n - 1 + k_len``. With ``table`` from :func:`offset_logits` (start ``Tq - e`` for
+    queries ``s .. e-1``, ``n = e - s``, ``W = n - 1 + k_len``) row ``r`` is query ``s + r``
+    and column ``j`` key ``j``: its entry has offset ``Tk - 1 - (Tq - 1 - (s + r) + j)``, as
+    :func:`relative_logits` would gather. No copy: the rows overlap nothing (stride ``W - 1 >= k_len``).
+
+    >>> skew(torch.arange(8.0).view(1, 1, 2, 4), 3)
+    tensor([[[[1., 2., 3.],
+              [4., 5., 6.]]]])
+    """
+    B, h, n, W = table.shape
+    if W < n - 1 + k_len or not table.is_contiguous():
+        raise ValueError(f"skew needs a contiguous table at least {n - 1 + k_len} wide, got {tuple(table.shape)}")
+    return table.as_strided((B, h, n, k_len), (h * n * W, n * W, W - 1, 1), table.storage_offset() + n - 1)

@@ -10,7 +10,9 @@ from torch import nn
 
 import headmods
 from headmods import KVCache, MultiHeadAttention, RCMHAConfig, RCMHAttention
-from headmods.functional.relative import causal_depthwise_conv, relative_index, relative_logits
+from headmods.functional.masks import AttentionMask
+from headmods.functional.relative import (causal_depthwise_conv, offset_keys, offset_logits, offset_rows,
+                                         relative_index, relative_logits, skew)
 from reference import contiguous_groups, naive_attention, rope_loop
 
 B, d = 2, 4
@@ -179,6 +181,54 @@ def test_relative_index_matches_the_row_rules(buckets, causal):
             for head in range(2):
                 expected = (float(q[0, head, i] @ R[r, head]) + float(b[r, head])) * 0.5
                 assert abs(float(out[0, head, i, j]) - expected) < 1e-12
+
+
+@pytest.mark.parametrize("buckets", [None, 8])
+@pytest.mark.parametrize("causal", [True, False])
+def test_skewed_offset_logits_match_the_row_rules_for_every_block(buckets, causal):
+    P, Tq, Tk = 5, 7, 11  # queries at 4..10, in blocks [0, 3) and [3, 7)
+    n = 2 * P if buckets is None else buckets
+    q, R, b = (torch.randn(*shape, dtype=torch.float64) for shape in ((2, 2, Tq, d), (n, 2, d), (n, 2)))
+    rows = offset_rows(Tq, Tk, max_distance=P, num_buckets=buckets, causal=causal)
+    keys = offset_keys(R, b, rows, scale=0.5)
+    q1 = torch.cat([q, q.new_ones(2, 2, Tq, 1)], dim=-1)
+    for s, e in ((0, 3), (3, 7)):
+        k_end = Tk - Tq + e if causal else Tk
+        width = e - s - 1 + k_end
+        buffer = torch.full((2, 2, e - s, width), 7.0, dtype=torch.float64)
+        for out in (None, buffer):  # the differentiable path and the one writing into a table
+            bias = skew(offset_logits(q1[:, :, s:e], keys, start=Tq - e, width=width, out=out), k_end)
+            assert bias.shape == (2, 2, e - s, k_end)
+            for i in range(s, e):
+                for j in range(k_end):
+                    delta = Tk - Tq + i - j
+                    if causal and delta < 0:
+                        assert bias[:, :, i - s, j].isneginf().all()
+                        continue
+                    r = clipped_row(delta, P) if buckets is None else t5_bucket(-delta, buckets, P)
+                    for head in range(2):
+                        expected = (q[:, head, i] @ R[r, head] + b[r, head]) * 0.5
+                        torch.testing.assert_close(bias[:, head, i - s, j], expected, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_query_blocks_with_a_per_query_float_mask_equal_one_gathered_bias(causal):
+    layer = randomize(rcmha(num_kv_heads=2, max_relative_position=4))
+    x = torch.randn(B, 10, layer.embed_dim, dtype=torch.float64)
+    attn_mask = torch.randn(10, 10, dtype=torch.float64)
+    layer.query_blocks, layer.query_block = 3, 4  # blocks of 3, 4 and 3 queries
+    blocked, _ = layer(x, is_causal=causal, attn_mask=attn_mask)
+    _, weights = layer(x, is_causal=causal, attn_mask=attn_mask, need_weights=True, average_attn_weights=False)
+    assert weights.shape == (B, layer.num_heads, 10, 10)
+    layer.query_blocks, layer.query_block = 1, 10  # one block, and the gather path's bias through the layer's mask
+    single, _ = layer(x, is_causal=causal, attn_mask=attn_mask)
+    torch.testing.assert_close(blocked, single, atol=1e-12, rtol=1e-12)
+    q = torch.randn(B, layer.num_heads, 10, d, dtype=torch.float64)
+    k, v = torch.randn(B, 2, 10, d, dtype=torch.float64), torch.randn(B, 2, 10, d, dtype=torch.float64)
+    mask = AttentionMask(attn_mask[None, None], causal)
+    gathered = layer.attend_heads(q, k, v, layer._relative_mask(q, 10, mask), False)[0]
+    layer.query_blocks, layer.query_block = 3, 4
+    torch.testing.assert_close(layer._relative_attend(q, q, k, v, mask, False)[0], gathered, atol=1e-12, rtol=1e-12)
 
 
 def test_t5_bucket_reference_matches_known_values():
@@ -463,3 +513,27 @@ def test_pruned_swapped_model_saves_and_loads_and_refuses_stock_export(tmp_path)
         torch.testing.assert_close(loaded(ids).logits, ref, atol=0, rtol=0)
     with pytest.raises(ValueError, match="'rcmha'; only plain multi-head attention"):
         headmods.export(model, tmp_path / "hf")
+
+
+def test_segment_memory_as_keys_in_front_equals_the_tail_of_one_long_forward():
+    """Transformer-XL memory: [mem; x] as key/value, queries x. Without convolutions this is exactly the
+    last rows of a forward over [mem; x] (offsets and the causal mask are end-aligned); with them, only the
+    query convolution differs (it sees x alone, as the official code convolves q over the segment)."""
+    torch.manual_seed(0)
+    mem, x = torch.randn(2, 5, 32, dtype=torch.float64), torch.randn(2, 7, 32, dtype=torch.float64)
+    both = torch.cat([mem, x], dim=1)
+    for conv in (False, True):
+        layer = RCMHAttention(32, 4, batch_first=True, conv=conv, max_relative_position=16, conv_init="official",
+                             dtype=torch.float64).eval()
+        with torch.no_grad():
+            for p in (layer.rel_key, layer.rel_bias, layer.content_bias):
+                p.normal_()
+            segment = layer(x, both, both, is_causal=True)[0]
+            tail = layer(both, is_causal=True)[0][:, 5:]
+        if conv:
+            assert not torch.allclose(segment, tail)  # the query convolution does not reach into mem
+            with torch.no_grad():
+                layer.q_conv.reset_parameters("identity")
+                segment = layer(x, both, both, is_causal=True)[0]
+                tail = layer(both, is_causal=True)[0][:, 5:]
+        torch.testing.assert_close(segment, tail, atol=1e-12, rtol=1e-12)
