@@ -83,6 +83,10 @@ class LongHeadsConfig(AttentionConfig):
         qp = self.query_position
         if qp is not None and (isinstance(qp, bool) or not isinstance(qp, int) or qp < 0):
             raise ValueError(f"query_position must be None or a non-negative int, got {qp!r}")
+        if self.kv_map is not None:  # the kernels group query heads contiguously (h / h_kv per kv head)
+            raise ValueError(f"LongHeads needs contiguous query-head groups per key/value head; got kv_map="
+                             f"{self.kv_map} (e.g. from pruning heads unevenly). Prune whole groups, or use "
+                             f"another variant")
 
     @property
     def block(self) -> int:

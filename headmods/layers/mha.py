@@ -145,15 +145,17 @@ class MultiHeadAttention(HeadAttention):
         kept_k, new_k_map = _kept_groups(c.query_to_kv(), keep)
         kept_v, new_v_map = _kept_groups(c.query_to_value(), keep)
         d = c.head_dim
+        original = c.kept_heads or tuple(range(c.num_heads))
+        # the new config first: a variant that refuses the result does so before any weight changes
+        config = self._pruned_config(keep, num_heads=len(keep), num_kv_heads=len(kept_k), head_dim=d,
+                                     kv_map=new_k_map, kept_heads=tuple(original[i] for i in keep),
+                                     **self._value_changes(len(kept_v), new_v_map))
         q_rows = head_rows(keep, d, self.q_proj.weight.device)
         self.q_proj = slice_linear(self.q_proj, rows=q_rows)
         self.k_proj = slice_linear(self.k_proj, rows=head_rows(kept_k, d, self.k_proj.weight.device))
         self.v_proj = slice_linear(self.v_proj, rows=head_rows(kept_v, d, self.v_proj.weight.device))
         self.o_proj = slice_linear(self.o_proj, cols=q_rows)
-        original = c.kept_heads or tuple(range(c.num_heads))
-        self._config = self._pruned_config(keep, num_heads=len(keep), num_kv_heads=len(kept_k), head_dim=d,
-                                           kv_map=new_k_map, kept_heads=tuple(original[i] for i in keep),
-                                           **self._value_changes(len(kept_v), new_v_map))
+        self._config = config
         return self
 
     def _pruned_config(self, keep: list[int], **changes):

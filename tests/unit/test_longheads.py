@@ -219,3 +219,14 @@ def test_block_path_with_one_token_blocks_equals_the_batched_per_token_path():
     batched = longheads_attention(q, k, v, reps, **kw)
     looped = longheads_attention(q, k, v, reps, batch_tokens=False, **kw)
     torch.testing.assert_close(batched, looped, atol=1e-12, rtol=1e-12)
+
+
+def test_non_contiguous_head_groups_are_refused():
+    layer = _layer()  # 4 query heads on 2 kv heads
+    with pytest.raises(ValueError, match="contiguous query-head groups"):
+        LongHeadsAttention(32, 4, chunk_size=4, attend_length=16, rope_theta=THETA, num_kv_heads=2,
+                           kv_map=(0, 1, 0, 1))
+    with pytest.raises(ValueError, match="contiguous query-head groups"):
+        layer.prune_heads([0, 1, 2])  # leaves groups of 2 and 1
+    assert layer.num_heads == 4 and layer.q_proj.weight.shape == (32, 32)  # refused before any weight changed
+    assert layer.prune_heads([0, 1]).num_kv_heads == 1  # a whole group is fine
