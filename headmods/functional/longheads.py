@@ -105,7 +105,8 @@ def chunk_scores(q: Tensor, reps: Tensor, bounds: list[tuple[int, int]], h_kv: i
     mean of its query heads' distributions, and a block keeps, per chunk, the largest probability
     any of its tokens gives it. With one-token blocks this ranks chunks exactly as the official
     ``q_t . c_g`` does. (A block's *mean* query, the obvious alternative, dilutes the one token that
-    asks for a distant chunk: on the passkey task it found the key 0 times in 20, this rule 19.)
+    asks for a distant chunk: on the README's passkey model it found at most 0.15 / 0.00 of the keys
+    at 1024 / 4096 tokens, this rule 0.98 / 0.96.)
 
     Args:
         q: ``(B, h, T, d)`` un-roped queries of the selective positions ``bounds[0][0] ..``.
