@@ -72,28 +72,39 @@ def _rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:
 
 def chunk_representations(q: Tensor, k: Tensor, v: Tensor, chunk_size: int, theta: float,
                           scale: float | None = None) -> Tensor:
-    """``c_g`` of complete chunks: ``q (B, h, G*w, d)``, ``k, v (B, h_kv, G*w, d)`` un-roped -> ``(B, h, G, d)``."""
+    """``c_g`` of complete chunks: ``q (B, h, G*w, d)``, ``k, v (B, h_kv, G*w, d)`` un-roped -> ``(B, h, G, d)``.
+
+    Only the mean of the in-chunk outputs is needed, and ``mean_i softmax(q_i K^T) V`` is
+    ``(mean_i P_i) V``: the scores are batched over chunks and reduced to one attention row per
+    query head and chunk, with no ``P V`` product. The ``h / h_kv`` query heads of a key/value
+    head sit side by side in each chunk's query rows (the in-chunk attention is not causal), so
+    GQA needs no key copies.
+    """
     B, h, T, d = q.shape
     h_kv, w = k.size(1), chunk_size
     if T % w or k.size(2) != T:
         raise ValueError(f"chunk representations need whole chunks of {w}: q has {T} tokens, k {k.size(2)}")
-    G = T // w
+    G, r, N = T // w, h // h_kv, B * h_kv
     if G == 0:
         return q.new_zeros(B, h, 0, d)
-    local = torch.arange(w, device=q.device)
-
-    def per_chunk(x: Tensor) -> Tensor:  # (B, n, G*w, d) -> (B*G, n, w, d), RoPE at 0..w-1 applied later
-        n = x.size(1)
-        return x.reshape(B, n, G, w, d).transpose(1, 2).reshape(B * G, n, w, d)
-
-    qc = _rope(per_chunk(q), local, theta)
-    kc = _rope(per_chunk(k), local, theta)
-    vc = per_chunk(v)
-    gqa = h != h_kv
-    o = F.scaled_dot_product_attention(qc, kc, vc, scale=scale, enable_gqa=gqa)  # (B*G, h, w, d)
-    s = o.mean(dim=2, keepdim=True)  # chunk query vector (B*G, h, 1, d)
-    c = F.scaled_dot_product_attention(s, kc, kc, scale=scale, enable_gqa=gqa)  # (B*G, h, 1, d)
-    return c.reshape(B, G, h, d).transpose(1, 2)  # (B, h, G, d)
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    cos, sin = rope_cos_sin(torch.arange(w, device=q.device), d, theta, dtype=q.dtype)  # local positions 0..w-1
+    qc = q.new_empty(B, h_kv, G, r, w, d)  # queries roped locally, a kv head's r query heads per chunk
+    _rope_into(q.view(B, h_kv, r, G, w, d), cos, sin, qc.permute(0, 1, 3, 2, 4, 5))
+    kc = _rope_into(k.view(B, h_kv, G, w, d), cos, sin, k.new_empty(B, h_kv, G, w, d))
+    qf, kf = qc.view(N * G, r * w, d), kc.view(N * G, w, d)  # (kv head, chunk) pairs as one batch
+    step = max(1, (1 << 22) // (r * w * w))  # pairs per slab: <= 16 MB of scores
+    rows = []
+    for a in range(0, N * G, step):
+        s = torch.bmm(qf[a:a + step], kf[a:a + step].transpose(1, 2)).mul_(scale)  # (n, r*w, w)
+        s = s.sub_(s.amax(dim=-1, keepdim=True)).exp_().view(-1, r, w, w)  # unnormalized softmax rows
+        inv = s.sum(dim=-1).reciprocal_().div_(w)  # (n, r, w): 1 / (w * row sum)
+        rows.append(torch.bmm(inv.view(-1, 1, w), s.view(-1, w, w)))  # each query head's mean attention row
+    mean_p = torch.cat(rows).view(N, G, r, w)
+    qc, kc = qc.view(N, G, r * w, d), kc.view(N, G, w, d)
+    s_vec = torch.matmul(mean_p, v.reshape(N, G, w, v.size(-1)))  # mean output (N, G, r, d)
+    c = F.scaled_dot_product_attention(s_vec, kc, kc, scale=scale)  # (N, G, r, d)
+    return c.view(B, h_kv, G, r, d).permute(0, 1, 3, 2, 4).reshape(B, h, G, d)
 
 
 def chunk_scores(q: Tensor, reps: Tensor, bounds: list[tuple[int, int]], h_kv: int, *, chunk_size: int,
@@ -127,7 +138,9 @@ def chunk_scores(q: Tensor, reps: Tensor, bounds: list[tuple[int, int]], h_kv: i
     g = torch.arange(G, device=q.device)
     out = q.new_full((B, h_kv, len(bounds), G), float("-inf"))
     # slabs of at most 2048 tokens (and ~64 MB of scores); each scores only the chunks its tokens may pick
+    block = bounds[0][1] - bounds[0][0] if len(bounds) == 1 else bounds[1][1] - bounds[1][0]  # the first may be cut
     step = max(1, min(2048, (1 << 24) // max(1, B * h * G)))
+    step = max(block, step // block * block)  # whole blocks per slab where the blocks allow
     for a in range(0, T, step):
         b = min(T, a + step)
         cur = torch.arange(first + a, first + b, device=q.device) // chunk_size
@@ -137,9 +150,14 @@ def chunk_scores(q: Tensor, reps: Tensor, bounds: list[tuple[int, int]], h_kv: i
         eligible = (g[None, :n] >= 1) & (g[None, :n] <= cur[:, None] - 2)  # (tokens, n)
         s = torch.matmul(q[:, :, a:b], reps[:, :, :n].transpose(-1, -2)).mul_(scale)
         p = s.masked_fill_(~eligible, float("-inf")).softmax(dim=-1).nan_to_num_(0.0)  # no choice: 0 everywhere
-        p = p.view(B, h_kv, h // h_kv, b - a, n).mean(dim=2)
-        index = block_of[a:b].view(1, 1, -1, 1).expand(B, h_kv, b - a, n)
-        out[..., :n].scatter_reduce_(2, index, p, reduce="amax")
+        if h != h_kv:
+            p = p.view(B, h_kv, h // h_kv, b - a, n).mean(dim=2)
+        i0, i1 = int(block_of[a]), int(block_of[b - 1]) + 1
+        if all(z - u == block for u, z in bounds[i0:i1]) and (b - a) == (i1 - i0) * block:  # whole blocks
+            out[:, :, i0:i1, :n] = p.view(B, h_kv, i1 - i0, block, n).amax(dim=3)
+        else:
+            index = block_of[a:b].view(1, 1, -1, 1).expand(B, h_kv, b - a, n)
+            out[..., :n].scatter_reduce_(2, index, p, reduce="amax")
     return out
 
 
@@ -217,25 +235,75 @@ def longheads_attention(q: Tensor, k: Tensor, v: Tensor, reps: Tensor, *, chunk_
     if block == 1 and batch_tokens:
         _per_token(q, k, v, out, chosen, bounds, q_start, w, K, cos, sin, scale)
         return out
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
+        _blocks_no_grad(q, k, v, out, chosen, bounds, q_start, w, K, cos, sin, scale)
+        return out
     masks: dict[tuple[int, int], Tensor] = {}
-    buffers = _Buffers()
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    for i, (s, e) in enumerate(bounds):
+    for i, (s, e) in enumerate(bounds):  # with gradients: out= buffers cannot carry them
         length = (K - 1) * w + (e - 1) % w + 1  # K-1 whole chunks + the current one cut at the block's end
         index = (chosen[:, :, i, :, None] * w + offsets).reshape(B, h_kv, K * w)[:, :, :length]
         k_index = index[..., None].expand(B, h_kv, length, d)
         v_index = index[..., None].expand(B, h_kv, length, v.size(-1))
-        if grad:  # out= buffers cannot carry gradients
-            kg = apply_rope(torch.gather(k, 2, k_index), cos[:, :length], sin[:, :length])
-            vg = torch.gather(v, 2, v_index)
-        else:
-            gathered = _gather_rows(k, index, buffers.get("k", k, length), k_index)
-            kg = _rope_into(gathered, cos[:, :length], sin[:, :length], buffers.get("k_roped", k, length))
-            vg = _gather_rows(v, index, buffers.get("v", v, length), v_index)
+        kg = apply_rope(torch.gather(k, 2, k_index), cos[:, :length], sin[:, :length])
+        vg = torch.gather(v, 2, v_index)
         n = e - s
         qb = apply_rope(q[:, :, s - q_start:e - q_start], cos[:, length - n:length], sin[:, length - n:length])
         out[:, :, s - q_start:e - q_start] = _causal(qb, kg, vg, scale, masks)
     return out
+
+
+def _blocks_no_grad(q: Tensor, k: Tensor, v: Tensor, out: Tensor, chosen: Tensor, bounds: list, q_start: int,
+                    w: int, K: int, cos: Tensor, sin: Tensor, scale: float) -> None:
+    """The block loop for inference: one SDPA call per query block, every copy into a reused buffer.
+
+    Measured on these CPUs (``spec/performance.md`` §3 and ``benchmarks/bench_longheads.py``):
+
+    - keys and values are first copied head-first and padded to whole chunks, so a block gathers
+      whole chunks (``w * d`` contiguous values) with one ``index_select``;
+    - the keys' copy puts each rotated pair side by side (dimension ``i`` next to ``i + d/2``), so
+      re-positioning is one complex multiply per block instead of four half-width passes; the
+      queries get the same pairing, which leaves every ``q . k`` unchanged (values keep their
+      layout, so the output does too);
+    - GQA: a key/value head's query heads are stacked into one query sequence (with the causal
+      mask repeated), so keys are neither copied per query head nor split into small calls.
+    """
+    B, h, _, d = q.shape
+    h_kv, Tk, dv = k.size(1), k.size(2), v.size(-1)
+    r, half, L = h // h_kv, d // 2, K * w
+    G = -(-Tk // w)  # chunks, the last one possibly partial (padded; padding is never attended)
+    k_pairs, v_rows = k.new_empty(B, h_kv, G * w, half, 2), v.new_empty(B, h_kv, G * w, dv)
+    k_pairs[:, :, Tk:] = 0.0  # the padding is gathered with the current chunk but cut off before attention
+    v_rows[:, :, Tk:] = 0.0
+    k_pairs[:, :, :Tk].copy_(k.view(B, h_kv, Tk, 2, half).transpose(-1, -2))
+    v_rows[:, :, :Tk].copy_(v)
+    k_chunks, v_chunks = k_pairs.view(B * h_kv * G, w * d), v_rows.view(B * h_kv * G, w * dv)
+    rot = torch.complex(cos[0, :, :half], sin[0, :, :half])  # (L, d/2): position p rotates pair i by p * f_i
+    flat = chosen + (torch.arange(B * h_kv, device=q.device) * G).view(B, h_kv, 1, 1)  # rows of k_chunks
+    k_buf, v_buf = k.new_empty(B * h_kv * K, w * d), v.new_empty(B * h_kv * K, w * dv)
+    k_roped = torch.view_as_complex(k.new_empty(B, h_kv, L, half, 2))
+    q_bufs: dict[int, Tensor] = {}
+    masks: dict[tuple[int, int], Tensor] = {}
+    for i, (s, e) in enumerate(bounds):
+        n, length = e - s, (K - 1) * w + (e - 1) % w + 1  # K-1 whole chunks + the current one cut at the block's end
+        index = flat[:, :, i].reshape(-1)
+        torch.index_select(k_chunks, 0, index, out=k_buf)
+        torch.index_select(v_chunks, 0, index, out=v_buf)
+        gathered = torch.view_as_complex(k_buf.view(B, h_kv, L, half, 2))[:, :, :length]
+        kb = torch.mul(gathered, rot[:length], out=k_roped[:, :, :length])  # keys at positions 0 .. length-1
+        qb = q_bufs.get(n)
+        if qb is None:
+            qb = q_bufs[n] = q.new_empty(B, h_kv, r, n, half, 2)
+        qb.copy_(q[:, :, s - q_start:e - q_start].reshape(B, h_kv, r, n, 2, half).transpose(-1, -2))
+        qc = torch.view_as_complex(qb).mul_(rot[length - n:length])  # queries at length-n .. length-1
+        mask = masks.get((n, length))
+        if mask is None and n > 1:
+            keep = torch.ones(n, length, dtype=torch.bool, device=q.device).tril(length - n).repeat(r, 1)
+            mask = masks[(n, length)] = torch.zeros(r * n, length, dtype=q.dtype, device=q.device).masked_fill(
+                ~keep, float("-inf"))
+        o = F.scaled_dot_product_attention(torch.view_as_real(qc).view(B, h_kv, r * n, d),
+                                           torch.view_as_real(kb).view(B, h_kv, length, d),
+                                           v_buf.view(B, h_kv, L, dv)[:, :, :length], attn_mask=mask, scale=scale)
+        out[:, :, s - q_start:e - q_start] = o.view(B, h, n, dv)
 
 
 def _per_token(q: Tensor, k: Tensor, v: Tensor, out: Tensor, chosen: Tensor, bounds: list, q_start: int, w: int,
@@ -275,44 +343,13 @@ def _per_token(q: Tensor, k: Tensor, v: Tensor, out: Tensor, chosen: Tensor, bou
         start = end
 
 
-def _gather_rows(x: Tensor, index: Tensor, out: Tensor, expanded: Tensor) -> Tensor:
-    """``x[b, j, index[b, j, l]]`` into ``out (B, h_kv, L, d)``: one ``index_select`` of whole rows.
-
-    ``x`` may be any layout whose rows of ``d`` values are contiguous (projections seen
-    head-first, a cache slice); rows are addressed through their storage strides. Other layouts
-    fall back to ``torch.gather`` (element-wise, several times slower).
-    """
-    d = x.size(-1)
-    s0, s1, s2, s3 = x.stride()
-    if s3 != 1 or any(s % d for s in (s0, s1, s2)) or x.storage_offset() % d or not out.is_contiguous():
-        return torch.gather(x, 2, expanded, out=out)
-    B, h_kv, L = index.shape
-    rows = torch.as_strided(x, (x.untyped_storage().nbytes() // x.element_size() // d - x.storage_offset() // d, d),
-                            (d, 1))
-    base = (torch.arange(B, device=x.device)[:, None, None] * (s0 // d)
-            + torch.arange(h_kv, device=x.device)[None, :, None] * (s1 // d))
-    flat = (base + index * (s2 // d)).reshape(-1)
-    torch.index_select(rows, 0, flat, out=out.view(B * h_kv * L, d))
-    return out
-
-
-class _Buffers:
-    """Gather and re-RoPE targets reused from block to block (fresh multi-MB allocations page-fault
-    on these CPUs; ``spec/performance.md`` §3 measured 0.36 -> 0.31 of causal SDPA from reuse)."""
-
-    def __init__(self) -> None:
-        self.store: dict[tuple[str, int], Tensor] = {}
-
-    def get(self, name: str, like: Tensor, length: int) -> Tensor:
-        shape = (like.size(0), like.size(1), length, like.size(3))
-        buf = self.store.get((name, length))
-        if buf is None or buf.shape != shape:
-            buf = self.store[(name, length)] = like.new_empty(shape)
-        return buf
-
-
 def _rope_into(x: Tensor, cos: Tensor, sin: Tensor, out: Tensor) -> Tensor:
-    """``apply_rope(x, cos, sin)`` written into ``out`` with no temporaries (rotate-half layout)."""
+    """``apply_rope(x, cos, sin)`` written into ``out`` with no temporaries (rotate-half layout).
+
+    ``cos, sin``: ``(1, T, d)``, broadcast over every leading dimension of ``x (..., T, d)``.
+    """
+    if torch.is_grad_enabled() and x.requires_grad:  # out= kernels do not record gradients
+        return out.copy_(apply_rope(x, cos, sin))
     half = x.size(-1) // 2
     c, s_ = cos[:, None, :, :half], sin[:, None, :, :half]  # cos/sin repeat each frequency in both halves
     x1, x2 = x[..., :half], x[..., half:]
