@@ -252,6 +252,9 @@ def longheads_attention(q: Tensor, k: Tensor, v: Tensor, reps: Tensor, *, chunk_
     return out
 
 
+_GROUP_BYTES = 4 << 20  # gathered keys + values per SDPA call (2-12 MB measured alike at T=16384)
+
+
 def _blocks_no_grad(q: Tensor, k: Tensor, v: Tensor, out: Tensor, chosen: Tensor, bounds: list, q_start: int,
                     w: int, K: int, cos: Tensor, sin: Tensor, scale: float) -> None:
     """The block loop for inference: one SDPA call per query block, every copy into a reused buffer.
@@ -265,46 +268,58 @@ def _blocks_no_grad(q: Tensor, k: Tensor, v: Tensor, out: Tensor, chosen: Tensor
       queries get the same pairing, which leaves every ``q . k`` unchanged (values keep their
       layout, so the output does too);
     - GQA: a key/value head's query heads are stacked into one query sequence (with the causal
-      mask repeated), so keys are neither copied per query head nor split into small calls.
+      mask repeated), so keys are neither copied per query head nor split into small calls;
+    - half-precision inputs are re-positioned and attended in float32 (there is no complex
+      bfloat16);
+    - keys are rotated in place in the gather buffer, a few key/value heads per call
+      (``_GROUP_BYTES``), so a block's working set stays in cache.
+
+    With the first ``attend_length`` tokens done densely, the SDPA calls alone take 0.28 of causal
+    SDPA at T=16384 (h=12, d=64, chunk 128, attend 2048) on these CPUs: the kernel is slower per
+    query-key pair on 128-query calls than on one long causal call (``spec/performance.md`` §1).
     """
     B, h, _, d = q.shape
     h_kv, Tk, dv = k.size(1), k.size(2), v.size(-1)
     r, half, L = h // h_kv, d // 2, K * w
     G = -(-Tk // w)  # chunks, the last one possibly partial (padded; padding is never attended)
-    k_pairs, v_rows = k.new_empty(B, h_kv, G * w, half, 2), v.new_empty(B, h_kv, G * w, dv)
+    ct = q.dtype if q.dtype in (torch.float32, torch.float64) else torch.float32  # complex bfloat16 does not exist
+    k_pairs = torch.empty(B, h_kv, G * w, half, 2, dtype=ct, device=k.device)
+    v_rows = torch.empty(B, h_kv, G * w, dv, dtype=ct, device=v.device)
     k_pairs[:, :, Tk:] = 0.0  # the padding is gathered with the current chunk but cut off before attention
     v_rows[:, :, Tk:] = 0.0
     k_pairs[:, :, :Tk].copy_(k.view(B, h_kv, Tk, 2, half).transpose(-1, -2))
     v_rows[:, :, :Tk].copy_(v)
-    k_chunks, v_chunks = k_pairs.view(B * h_kv * G, w * d), v_rows.view(B * h_kv * G, w * dv)
-    rot = torch.complex(cos[0, :, :half], sin[0, :, :half])  # (L, d/2): position p rotates pair i by p * f_i
-    flat = chosen + (torch.arange(B * h_kv, device=q.device) * G).view(B, h_kv, 1, 1)  # rows of k_chunks
-    k_buf, v_buf = k.new_empty(B * h_kv * K, w * d), v.new_empty(B * h_kv * K, w * dv)
-    k_roped = torch.view_as_complex(k.new_empty(B, h_kv, L, half, 2))
+    H = B * h_kv
+    k_chunks, v_chunks = k_pairs.view(H * G, w * d), v_rows.view(H * G, w * dv)
+    rot = torch.complex(cos[0, :, :half].to(ct), sin[0, :, :half].to(ct))  # (L, d/2): position p turns pair i by p f_i
+    flat = (chosen + (torch.arange(H, device=q.device) * G).view(B, h_kv, 1, 1)).view(H, -1, K)  # rows of k_chunks
+    heads = max(1, min(H, _GROUP_BYTES // (L * (d + dv) * k_pairs.element_size())))  # kv heads per call
+    k_buf, v_buf = k_pairs.new_empty(heads * K, w * d), v_rows.new_empty(heads * K, w * dv)
+    out_rows = out.view(H, r, out.size(2), dv)
     q_bufs: dict[int, Tensor] = {}
     masks: dict[tuple[int, int], Tensor] = {}
     for i, (s, e) in enumerate(bounds):
         n, length = e - s, (K - 1) * w + (e - 1) % w + 1  # K-1 whole chunks + the current one cut at the block's end
-        index = flat[:, :, i].reshape(-1)
-        torch.index_select(k_chunks, 0, index, out=k_buf)
-        torch.index_select(v_chunks, 0, index, out=v_buf)
-        gathered = torch.view_as_complex(k_buf.view(B, h_kv, L, half, 2))[:, :, :length]
-        kb = torch.mul(gathered, rot[:length], out=k_roped[:, :, :length])  # keys at positions 0 .. length-1
         qb = q_bufs.get(n)
         if qb is None:
-            qb = q_bufs[n] = q.new_empty(B, h_kv, r, n, half, 2)
-        qb.copy_(q[:, :, s - q_start:e - q_start].reshape(B, h_kv, r, n, 2, half).transpose(-1, -2))
-        qc = torch.view_as_complex(qb).mul_(rot[length - n:length])  # queries at length-n .. length-1
+            qb = q_bufs[n] = k_pairs.new_empty(H, r, n, half, 2)
+        qb.view(B, h_kv, r, n, half, 2).copy_(
+            q[:, :, s - q_start:e - q_start].reshape(B, h_kv, r, n, 2, half).transpose(-1, -2))
+        qc = torch.view_as_real(torch.view_as_complex(qb).mul_(rot[length - n:length]))  # at length-n .. length-1
         mask = masks.get((n, length))
         if mask is None and n > 1:
             keep = torch.ones(n, length, dtype=torch.bool, device=q.device).tril(length - n).repeat(r, 1)
-            mask = masks[(n, length)] = torch.zeros(r * n, length, dtype=q.dtype, device=q.device).masked_fill(
+            mask = masks[(n, length)] = torch.zeros(r * n, length, dtype=ct, device=q.device).masked_fill(
                 ~keep, float("-inf"))
-        o = F.scaled_dot_product_attention(torch.view_as_real(qc).view(B, h_kv, r * n, d),
-                                           torch.view_as_real(kb).view(B, h_kv, length, d),
-                                           v_buf.view(B, h_kv, L, dv)[:, :, :length], attn_mask=mask, scale=scale)
-        out[:, :, s - q_start:e - q_start] = o.view(B, h, n, dv)
-
+        for j in range(0, H, heads):
+            g = min(heads, H - j)
+            index = flat[j:j + g, i].reshape(-1)
+            kb = torch.index_select(k_chunks, 0, index, out=k_buf[:g * K]).view(g, L, half, 2)[:, :length]
+            vb = torch.index_select(v_chunks, 0, index, out=v_buf[:g * K]).view(g, L, dv)[:, :length]
+            torch.view_as_complex(kb).mul_(rot[:length])  # keys at positions 0 .. length-1, in place
+            o = F.scaled_dot_product_attention(qc[j:j + g].view(1, g, r * n, d), kb.reshape(1, g, length, d),
+                                               vb[None], attn_mask=mask, scale=scale)
+            out_rows[j:j + g, :, s - q_start:e - q_start] = o.view(g, r, n, dv)
 
 def _per_token(q: Tensor, k: Tensor, v: Tensor, out: Tensor, chosen: Tensor, bounds: list, q_start: int, w: int,
                K: int, cos: Tensor, sin: Tensor, scale: float) -> None:

@@ -230,3 +230,34 @@ def test_non_contiguous_head_groups_are_refused():
         layer.prune_heads([0, 1, 2])  # leaves groups of 2 and 1
     assert layer.num_heads == 4 and layer.q_proj.weight.shape == (32, 32)  # refused before any weight changed
     assert layer.prune_heads([0, 1]).num_kv_heads == 1  # a whole group is fine
+
+
+@pytest.mark.parametrize("block", [1, 4])
+def test_inference_path_one_head_per_call_and_a_partial_chunk(monkeypatch, block):
+    """The no-grad block loop in its other shapes: one key/value head per SDPA call (as on long
+    inputs), a sequence ending inside a chunk, GQA; against the naive loop."""
+    import headmods.functional.longheads as lh
+
+    monkeypatch.setattr(lh, "_GROUP_BYTES", 1)
+    w, attend, begin = 4, 20, 20
+    q, k, v = _qkv(4, 2, T=43)
+    reps = lh.chunk_representations(q[:, :, :40], k[:, :, :40], v[:, :, :40], w, THETA)
+    with torch.no_grad():
+        out = longheads_attention(q, k, v, reps, chunk_size=w, attend_length=attend, begin=begin, theta=THETA,
+                                  q_start=0, block=block, batch_tokens=False)
+    torch.testing.assert_close(out, _naive(q, k, v, w, attend, begin, block), atol=1e-6, rtol=1e-6)
+
+
+def test_bfloat16_inputs_are_attended_in_float32():
+    w, attend, begin = 4, 20, 20
+    q, k, v = (x.float() for x in _qkv(4, 2, T=44))
+    kw = dict(chunk_size=w, attend_length=attend, begin=begin, theta=THETA, q_start=0, block=w)
+    with torch.no_grad():
+        from headmods.functional.longheads import chunk_representations
+
+        low = [x.bfloat16() for x in (q, k, v)]
+        reps = chunk_representations(*(x[:, :, :40] for x in low), w, THETA)
+        out = longheads_attention(*low, reps, **kw)
+        ref = longheads_attention(*(x.float() for x in low), reps.float(), **kw)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
