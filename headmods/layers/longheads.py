@@ -9,9 +9,10 @@ per-sequence state (chunk representations, computed once per completed chunk).
 Differences from the official code, on purpose:
 
 - the query's own key is attended in prefill too (the official prefill leaves it out);
-- GQA: chunks are chosen per key/value head from the mean of its query heads' scores;
-- ``selection="block"`` (default) chooses once per query block of ``chunk_size`` tokens from the
-  block's mean query, which makes prefill cost linear in length with one SDPA call per block;
+- GQA: chunks are chosen per key/value head from the mean of its query heads' chunk probabilities;
+- ``selection="block"`` (default) chooses once per query block of ``chunk_size`` tokens, keeping
+  for each chunk the highest probability any of the block's tokens gives it; this makes prefill
+  cost linear in length with one SDPA call per block;
   ``selection="token"`` is the official per-token choice. Decoding a token at a time is per-token
   in both modes (a block's other queries are in the past), as the official decode is.
 
