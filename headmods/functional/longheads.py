@@ -274,7 +274,7 @@ def _blocks_no_grad(q: Tensor, k: Tensor, v: Tensor, out: Tensor, chosen: Tensor
     - keys are rotated in place in the gather buffer, a few key/value heads per call
       (``_GROUP_BYTES``), so a block's working set stays in cache.
 
-    With the first ``attend_length`` tokens done densely, the SDPA calls alone take 0.28 of causal
+    With the first ``attend_length`` tokens done densely, the SDPA calls alone take 0.28-0.33 of causal
     SDPA at T=16384 (h=12, d=64, chunk 128, attend 2048) on these CPUs: the kernel is slower per
     query-key pair on 128-query calls than on one long causal call (``spec/performance.md`` §1).
     """
