@@ -231,14 +231,14 @@ def longheads_attention(q: Tensor, k: Tensor, v: Tensor, reps: Tensor, *, chunk_
                           theta=theta, scale=scale, query_position=query_position)  # (B, h_kv, Q, G)
     chosen = select_chunks(scores, current, K)  # (B, h_kv, Q, K)
     cos, sin = rope_cos_sin(torch.arange(K * w, device=q.device), d, theta, dtype=q.dtype)  # shared by all blocks
-    offsets = torch.arange(w, device=q.device)
     if block == 1 and batch_tokens:
         _per_token(q, k, v, out, chosen, bounds, q_start, w, K, cos, sin, scale)
         return out
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
         _blocks_no_grad(q, k, v, out, chosen, bounds, q_start, w, K, cos, sin, scale)
         return out
-    masks: dict[tuple[int, int], Tensor] = {}
+    masks: dict[tuple[int, int, int], Tensor] = {}
+    offsets = torch.arange(w, device=q.device)
     for i, (s, e) in enumerate(bounds):  # with gradients: out= buffers cannot carry them
         length = (K - 1) * w + (e - 1) % w + 1  # K-1 whole chunks + the current one cut at the block's end
         index = (chosen[:, :, i, :, None] * w + offsets).reshape(B, h_kv, K * w)[:, :, :length]
@@ -297,7 +297,7 @@ def _blocks_no_grad(q: Tensor, k: Tensor, v: Tensor, out: Tensor, chosen: Tensor
     k_buf, v_buf = k_pairs.new_empty(heads * K, w * d), v_rows.new_empty(heads * K, w * dv)
     out_rows = out.view(H, r, out.size(2), dv)
     q_bufs: dict[int, Tensor] = {}
-    masks: dict[tuple[int, int], Tensor] = {}
+    masks: dict[tuple[int, int, int], Tensor] = {}
     for i, (s, e) in enumerate(bounds):
         n, length = e - s, (K - 1) * w + (e - 1) % w + 1  # K-1 whole chunks + the current one cut at the block's end
         qb = q_bufs.get(n)
@@ -306,11 +306,7 @@ def _blocks_no_grad(q: Tensor, k: Tensor, v: Tensor, out: Tensor, chosen: Tensor
         qb.view(B, h_kv, r, n, half, 2).copy_(
             q[:, :, s - q_start:e - q_start].reshape(B, h_kv, r, n, 2, half).transpose(-1, -2))
         qc = torch.view_as_real(torch.view_as_complex(qb).mul_(rot[length - n:length]))  # at length-n .. length-1
-        mask = masks.get((n, length))
-        if mask is None and n > 1:
-            keep = torch.ones(n, length, dtype=torch.bool, device=q.device).tril(length - n).repeat(r, 1)
-            mask = masks[(n, length)] = torch.zeros(r * n, length, dtype=ct, device=q.device).masked_fill(
-                ~keep, float("-inf"))
+        mask = _end_aligned_mask(n, length, r, k_buf, masks) if n > 1 else None
         for j in range(0, H, heads):
             g = min(heads, H - j)
             index = flat[j:j + g, i].reshape(-1)
@@ -384,9 +380,17 @@ def _causal(q: Tensor, k: Tensor, v: Tensor, scale: float, masks: dict | None = 
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     if Tq == 1:
         return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
-    masks = {} if masks is None else masks
-    bias = masks.get((Tq, Tk))
-    if bias is None:  # additive, in q's dtype, built once per shape (SDPA would convert a bool mask per call)
-        keep = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
-        bias = masks[(Tq, Tk)] = torch.zeros(Tq, Tk, dtype=q.dtype, device=q.device).masked_fill(~keep, float("-inf"))
+    bias = _end_aligned_mask(Tq, Tk, 1, q, {} if masks is None else masks)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, enable_gqa=gqa)
+
+
+def _end_aligned_mask(n: int, length: int, repeat: int, like: Tensor, masks: dict) -> Tensor:
+    """Additive ``(repeat * n, length)`` causal mask whose ``n`` query rows are the last ``n`` keys,
+    stacked ``repeat`` times; in ``like``'s dtype, built once per shape (SDPA would convert a bool
+    mask on every call)."""
+    bias = masks.get((n, length, repeat))
+    if bias is None:
+        keep = torch.ones(n, length, dtype=torch.bool, device=like.device).tril(length - n).repeat(repeat, 1)
+        bias = masks[(n, length, repeat)] = torch.zeros(repeat * n, length, dtype=like.dtype,
+                                                        device=like.device).masked_fill(~keep, float("-inf"))
+    return bias
