@@ -4,7 +4,9 @@ Every layer is a drop-in for ``nn.MultiheadAttention`` (see :class:`HeadAttentio
 ``create(name, embed_dim, num_heads, **cfg)`` builds one by name.
 """
 
+from . import errors
 from .cache import KVCache
+from .errors import HeadmodsError
 from .layers import (
     AttentionConfig,
     CMHAConfig,
@@ -37,6 +39,7 @@ __all__ = [
     "DHAAttention",
     "DHAConfig",
     "HeadAttention",
+    "HeadmodsError",
     "KVCache",
     "LongHeadsAttention",
     "LongHeadsConfig",
@@ -58,5 +61,6 @@ __all__ = [
     "save",
     "load",
     "export",
+    "errors",
     "__version__",
 ]

@@ -22,16 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import ConfigError
 from .data import DataConfig, TASKS
 
 __all__ = ["ModelConfig", "TrainConfig", "PruneConfig", "BenchConfig", "CompareConfig", "RecipeConfig", "load_config",
            "apply_overrides", "RECIPES", "TASKS"]
 
 RECIPES = ("convert", "finetune", "prune", "eval", "demo", "compare", "shrp", "dha", "passkey")
-
-
-class ConfigError(ValueError):
-    """A recipe file or override that does not fit the schema (the message is one line)."""
 
 
 def _strict(cls: type, data: Any, where: str) -> Any:
