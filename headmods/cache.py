@@ -8,6 +8,11 @@ doubling, so appending ``n`` tokens one at a time copies O(n) elements in total,
 Hugging Face ``Cache`` objects are adapted in ``headmods.integrations``; any object with
 ``seq_len`` and ``update(k, v) -> (k_all, v_all)`` can stand in for this class.
 
+Decode state belongs to the cache, not to the layer. Layers whose method needs more of the past
+than keys and values (LongHeads' chunk representations, RCMHA's convolution tails) keep it in the
+cache's ``layer_states`` (one entry per layer, see :func:`layer_state`), so a layer can decode
+several sequences in turn, each with its own cache, and a copy of the layer carries no state.
+
 Example:
     >>> import headmods
     >>> attn = headmods.MultiHeadAttention(64, 4, batch_first=True).eval()
@@ -21,10 +26,42 @@ Example:
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
+from typing import Any, TypeVar
+
 import torch  # noqa: F401  (used by the doctest above)
 from torch import Tensor, nn
 
-__all__ = ["KVCache"]
+__all__ = ["KVCache", "layer_state"]
+
+S = TypeVar("S")
+
+
+def layer_state(cache: Any, layer: nn.Module, factory: Callable[[], S]) -> S:
+    """The decode state that ``cache`` keeps for ``layer``, created by ``factory()`` on first use.
+
+    States live in ``cache.layer_states``, a mapping keyed weakly by the layer; a cache without
+    one (any :class:`~headmods.layers.base.CacheLike` object) gets one on first use.
+
+    Example:
+        >>> cache, layer = KVCache(), nn.Linear(1, 1)
+        >>> layer_state(cache, layer, dict) is layer_state(cache, layer, dict)
+        True
+    """
+    states = getattr(cache, "layer_states", None)
+    if states is None:
+        states = weakref.WeakKeyDictionary()
+        try:
+            cache.layer_states = states
+        except AttributeError:
+            raise TypeError(f"{type(layer).__name__} keeps decode state in its cache, and a {type(cache).__name__} "
+                            "cannot hold it (no layer_states attribute); use headmods.KVCache or a transformers "
+                            "Cache") from None
+    state = states.get(layer)
+    if state is None:
+        state = states[layer] = factory()
+    return state
 
 
 class KVCache(nn.Module):
@@ -42,14 +79,16 @@ class KVCache(nn.Module):
         self.seq_len = 0
         self.register_buffer("k", None, persistent=False)  # (B, h_kv, capacity, d)
         self.register_buffer("v", None, persistent=False)  # (B, h_kv, capacity, dv)
+        self.layer_states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # see layer_state()
 
     @property
     def capacity(self) -> int:
         return 0 if self.k is None else self.k.size(2)
 
     def reset(self) -> None:
-        """Forget every token; keeps the allocated memory."""
+        """Forget every token and every layer's decode state; keeps the allocated memory."""
         self.seq_len = 0
+        self.layer_states.clear()
 
     def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Append ``k (B, n_k, T, d)`` and ``v (B, n_v, T, dv)``; return all keys and values so far."""

@@ -33,7 +33,8 @@ EPS = 1e-9  # under the square root of the magnitude, as in the official code
 def polar_pairs(x: Tensor, eps: float = EPS) -> tuple[Tensor, Tensor]:
     """Magnitude ``rho`` and phase ``theta`` of the half-split pairs of ``x (..., d)``, each ``(..., d/2)``.
 
-    The phase is ``atan2(b, a)`` in value, but its gradient is regularized to
+    Half-precision inputs are computed in float32 (their squares overflow float16) and the results
+    cast back. The phase is ``atan2(b, a)`` in value, but its gradient is regularized to
     ``(a db - b da) / (a^2 + b^2 + eps)``. The exact derivative divides by ``a^2 + b^2``: it is
     undefined for a pair that is exactly zero and huge for a tiny one (a pair of size 1e-12 would
     pass back about 1e7 times its output gradient), while ``rho`` stays at least ``sqrt(eps)``.
@@ -48,8 +49,10 @@ def polar_pairs(x: Tensor, eps: float = EPS) -> tuple[Tensor, Tensor]:
     d = x.size(-1)
     if d % 2:
         raise ValueError(f"complex pairs need an even last dimension (head_dim), got {d}")
-    finfo = torch.finfo(x.dtype)
-    eps = max(eps, finfo.eps * finfo.tiny)  # float16 would round 1e-9 to 0
+    if x.dtype in (torch.float16, torch.bfloat16):
+        # a^2 + b^2 overflows float16 once a pair passes ~181 (65504 ** 0.5 / 2 ** 0.5): work in float32
+        rho, theta = polar_pairs(x.float(), eps)
+        return rho.to(x.dtype), theta.to(x.dtype)
     a, b = x[..., :d // 2], x[..., d // 2:]
     rho2 = torch.addcmul(a * a, b, b).add_(eps)  # (..., d/2)
     rho = rho2.sqrt()
@@ -87,6 +90,8 @@ def complex_phase(x: Tensor, delta: Tensor, beta: Tensor | None = None, *, eps: 
         if t is not None and tuple(t.shape) != shape:
             raise ValueError(f"{name} must have shape (heads, head_dim // 2) = {shape} for x of shape "
                              f"{tuple(x.shape)}, got {tuple(t.shape)}")
+    if x.dtype in (torch.float16, torch.bfloat16):  # float32 inside, as polar_pairs does
+        return complex_phase(x.float(), delta.float(), None if beta is None else beta.float(), eps=eps).to(x.dtype)
     rho, theta = polar_pairs(x, eps)  # (..., h, T, d/2) each
     phi = theta * delta[:, None] if beta is None else torch.addcmul(beta[:, None], theta, delta[:, None])
     return torch.cat([rho * phi.cos(), rho * phi.sin()], dim=-1)  # (..., h, T, d)

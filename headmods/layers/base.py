@@ -120,6 +120,13 @@ class HeadAttention(nn.Module):
         self._config = self._make_config(embed_dim=embed_dim, num_heads=num_heads, **config)
         self.aux_loss: Tensor | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        """What a copy keeps (``copy.deepcopy``, ``AveragedModel``, pickling): everything but the
+        ``aux_loss`` of the last forward, a tensor attached to that forward's graph."""
+        state = self.__dict__.copy()
+        state["aux_loss"] = None
+        return state
+
     @classmethod
     def _make_config(cls, **settings: Any) -> AttentionConfig:
         known = {f for f in cls.config_class.__dataclass_fields__}

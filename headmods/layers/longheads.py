@@ -19,7 +19,8 @@ Differences from the official code, on purpose:
 Requirements: rotary embeddings (``rope_theta``; a Hugging Face host's plain ``rope_theta`` is read
 when swapping, scaled RoPE is refused), causal self-attention on unpadded batches, positions
 ``0, 1, ...`` continuing the cache. The cache holds *un-roped* keys, since LongHeads re-positions
-them per query; with a cache, a layer follows one sequence (batch) at a time.
+them per query, and the sequence's selection state (:class:`LongHeadsState`, in the cache's
+``layer_states``): one layer can decode several sequences in turn, each with its own cache.
 
 Example:
     >>> attn = LongHeadsAttention(64, 4, chunk_size=8, attend_length=32, rope_theta=10000.0,
@@ -38,6 +39,8 @@ import torch
 from torch import Tensor, nn
 
 from ..functional.longheads import check_longheads, chunk_representations, longheads_attention
+from ..cache import layer_state
+from ..errors import CacheStateError
 from ..functional.masks import AttentionMask
 from ..registry import register_variant
 from .base import CacheLike
@@ -108,8 +111,9 @@ class LongHeadsState:
         if past == 0:
             self.__init__()
         elif past != self.tokens or self.q_tail is None or self.q_tail.size(0) != q.size(0):
-            raise ValueError(f"LongHeads follows one sequence per layer: the cache holds {past} tokens but this layer "
-                             f"has seen {self.tokens}; start each new sequence from an empty cache")
+            raise CacheStateError(f"LongHeads: the cache holds {past} tokens but its selection state was built on "
+                                  f"{self.tokens}; a cache follows one sequence: start each new sequence from an "
+                                  "empty cache")
         w = config.chunk_size
         done = 0 if self.reps is None else self.reps.size(2)
         tail = q if self.q_tail is None else torch.cat([self.q_tail, q], dim=2)
@@ -151,10 +155,6 @@ class LongHeadsAttention(MultiHeadAttention):
 
     config_class = LongHeadsConfig
 
-    def __init__(self, embed_dim: int, num_heads: int, *, device=None, dtype=None, **config: Any) -> None:
-        super().__init__(embed_dim, num_heads, device=device, dtype=dtype, **config)
-        self.longheads_state = LongHeadsState()
-
     @classmethod
     def host_settings(cls, module: nn.Module, settings: dict[str, Any]) -> dict[str, Any]:
         """Read the host's plain RoPE base when swapping (LongHeads applies RoPE itself)."""
@@ -176,7 +176,8 @@ class LongHeadsAttention(MultiHeadAttention):
         past = 0 if cache is None else cache.seq_len
         if cache is not None:
             k, v = cache.update(k, v)  # un-roped keys: LongHeads places them anew for every query
-        out = longheads_core(q, k, v, past, self.longheads_state, c)
+        state = LongHeadsState() if cache is None else layer_state(cache, self, LongHeadsState)
+        out = longheads_core(q, k, v, past, state, c)
         return self.o_proj(out.transpose(1, 2).reshape(B, Tq, c.num_heads * c.head_dim)), None
 
 

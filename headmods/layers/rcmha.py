@@ -73,8 +73,9 @@ Our choices:
   convolutions run over ``[mem; x]`` and the query convolution over ``x`` only, as in the official
   code (``q = DWConv(z W_Q)``, ``k = DWConv([mem; z] W_K)``). The layer keeps no memory itself.
   Incremental decoding uses a KV cache instead: the causal convolution then needs the last ``K - 1`` *pre-convolution* q, k and v of the sequence,
-  which the layer keeps (:class:`RCMHAState`): a layer with a cache follows one sequence (batch) at
-  a time, restarting whenever the cache is empty.
+  which the cache keeps for the layer (:class:`RCMHAState`, in its ``layer_states``): each cache
+  follows one sequence (batch), restarting whenever it is empty, and one layer can decode several
+  sequences in turn, each with its own cache.
 - ``prune_heads`` removes the pruned heads' ``u``, ``R``, ``b`` and per-head kernels too.
 
 Shapes: B batch, T length, D embed_dim, h heads, h_kv kv heads, d head_dim, K conv_kernel,
@@ -97,6 +98,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..cache import layer_state
+from ..errors import CacheStateError
 from ..functional.masks import AttentionMask
 from ..functional.relative import (causal_depthwise_conv, check_relative, num_relative_rows, offset_keys,
                                    offset_logits, offset_rows, relative_index, relative_logits, skew)
@@ -215,9 +218,9 @@ class RCMHAState:
             return None, None, None
         if past != self.tokens or self.k is None or self.k.size(0) != batch:
             seen = "no batch" if self.k is None else f"a batch of {self.k.size(0)}"
-            raise ValueError(f"RCMHA follows one sequence per layer: the cache holds {past} tokens but this layer has "
-                             f"seen {self.tokens} ({seen}; this call has a batch of {batch}); start each new sequence "
-                             "from an empty cache")
+            raise CacheStateError(f"RCMHA: the cache holds {past} tokens but its convolution state was built on "
+                                  f"{self.tokens} ({seen}; this call has a batch of {batch}); a cache follows one "
+                                  "sequence: start each new sequence from an empty cache")
         return self.q, self.k, self.v
 
     def keep(self, q: Tensor, k: Tensor, v: Tensor, tokens: int, length: int) -> None:
@@ -250,7 +253,6 @@ class RCMHAttention(MultiHeadAttention):
             self.content_bias = nn.Parameter(torch.empty(c.num_heads, c.head_dim, **dd))  # u (h, d)
             self.rel_key = nn.Parameter(torch.empty(c.num_relative, c.num_heads, c.head_dim, **dd))  # R (n, h, d)
             self.rel_bias = nn.Parameter(torch.empty(c.num_relative, c.num_heads, **dd))  # b (n, h)
-        self.conv_state = RCMHAState()
         self._index_memo: tuple[tuple, tuple[Tensor, slice]] | None = None
         self._rows_memo: tuple[tuple, Tensor] | None = None
         self._built = True
@@ -305,16 +307,17 @@ class RCMHAttention(MultiHeadAttention):
         return self.o_proj(out), weights
 
     def _convolve(self, q: Tensor, k: Tensor, v: Tensor, cache: CacheLike | None) -> tuple[Tensor, Tensor, Tensor]:
-        """The causal convolutions, continuing the sequence in ``conv_state`` when decoding with a cache."""
+        """The causal convolutions, continuing the sequence from the cache's :class:`RCMHAState` when decoding."""
         K = self.config.conv_kernel
         decoding = cache is not None and K > 1
         prev_q, prev_k, prev_v = (None, None, None)
         if decoding:
             past = cache.seq_len
-            prev_q, prev_k, prev_v = self.conv_state.previous(past, q.size(0))
+            state = layer_state(cache, self, RCMHAState)
+            prev_q, prev_k, prev_v = state.previous(past, q.size(0))
         out = self.q_conv(q, prev_q), self.k_conv(k, prev_k), self.v_conv(v, prev_v)
         if decoding:
-            self.conv_state.keep(q, k, v, past + k.size(2), K - 1)
+            state.keep(q, k, v, past + k.size(2), K - 1)
         return out
 
     def _relative_attend(self, q: Tensor, q_rel: Tensor, k: Tensor, v: Tensor, mask: AttentionMask,
@@ -393,5 +396,4 @@ class RCMHAttention(MultiHeadAttention):
             self.content_bias = slice_param(self.content_bias, 0, index)
             self.rel_key = slice_param(self.rel_key, 1, index)
             self.rel_bias = slice_param(self.rel_bias, 1, index)
-        self.conv_state = RCMHAState()
         return self

@@ -124,7 +124,8 @@ def test_cached_decoding_equals_the_full_forward(selection):
     parts = [layer(x[:, :10], is_causal=True, cache=cache)[0]]
     parts += [layer(x[:, t:t + 1], is_causal=True, cache=cache)[0] for t in range(10, 37)]
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-10, rtol=1e-10)
-    assert layer.longheads_state.reps.size(2) == 9 and layer.longheads_state.q_tail.size(2) == 1
+    state = cache.layer_states[layer]  # the selection state lives in the cache, not on the layer
+    assert state.reps.size(2) == 9 and state.q_tail.size(2) == 1
 
 
 def test_block_mode_differs_from_token_mode_only_past_the_budget():
@@ -139,7 +140,8 @@ def test_the_state_refuses_a_cache_of_another_sequence():
     cache, other = KVCache(), KVCache()
     layer(torch.randn(1, 8, 32, dtype=torch.float64), is_causal=True, cache=cache)
     other.update(torch.randn(1, 2, 5, 8, dtype=torch.float64), torch.randn(1, 2, 5, 8, dtype=torch.float64))
-    with pytest.raises(ValueError, match="cache holds 5 tokens but this layer has seen 8"):
+    with pytest.raises(headmods.errors.CacheStateError, match="cache holds 5 tokens but its selection state was "
+                       "built on 0"):
         layer(torch.randn(1, 1, 32, dtype=torch.float64), is_causal=True, cache=other)
 
 

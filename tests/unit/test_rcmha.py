@@ -353,11 +353,13 @@ def test_the_state_refuses_a_cache_of_another_sequence():
     cache, other = KVCache(), KVCache()
     layer(torch.randn(1, 8, layer.embed_dim, dtype=torch.float64), is_causal=True, cache=cache)
     other.update(torch.randn(1, 4, 5, d, dtype=torch.float64), torch.randn(1, 4, 5, d, dtype=torch.float64))
-    with pytest.raises(ValueError, match="cache holds 5 tokens but this layer has seen 8"):
+    with pytest.raises(headmods.errors.CacheStateError, match="cache holds 5 tokens but its convolution state was "
+                       "built on 0"):
         layer(torch.randn(1, 1, layer.embed_dim, dtype=torch.float64), is_causal=True, cache=other)
     cache.reset()  # an empty cache starts a new sequence
     layer(torch.randn(1, 2, layer.embed_dim, dtype=torch.float64), is_causal=True, cache=cache)
-    assert layer.conv_state.tokens == 2 and layer.conv_state.q.size(2) == 2
+    state = cache.layer_states[layer]  # the convolution state lives in the cache, not on the layer
+    assert state.tokens == 2 and state.q.size(2) == 2
 
 
 def test_gpt2_generate_with_cache_equals_without_when_the_new_terms_are_active():

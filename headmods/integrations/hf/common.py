@@ -7,7 +7,8 @@ map to :class:`~headmods.functional.masks.AttentionMask` here, once.
 
 Caches: a transformers ``Cache`` is shared by all layers and updated with the layer index;
 :class:`HFCacheView` presents one layer of it as the ``seq_len`` / ``update(k, v)`` object the
-headmods core expects.
+headmods core expects, and keeps the layers' decode state (``layer_states``) on the transformers
+cache itself, so the state lives and dies with the sequence that cache holds.
 
 Keywords: transformers 5.x passes the cache as ``cache`` (5.24+), ``past_key_values`` (5.0-5.23)
 or ``past_key_value`` (4.5x); adapters accept all three and ignore the rest (``position_ids``,
@@ -16,6 +17,7 @@ or ``past_key_value`` (4.5x); adapters accept all three and ignore the rest (``p
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -24,7 +26,7 @@ from torch import Tensor, nn
 from ...functional.masks import AttentionMask, from_hf_padding, from_sdpa
 from ...layers.base import Projections
 
-__all__ = ["hf_mask", "HFCacheView", "pick_cache", "linear_projections"]
+__all__ = ["hf_mask", "HFCacheView", "cache_states", "pick_cache", "linear_projections"]
 
 
 def hf_mask(attention_mask: Tensor | None, *, causal: bool) -> AttentionMask:
@@ -74,6 +76,19 @@ class HFCacheView:
 
     def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         return self.cache.update(k, v, self.layer_idx, kwargs=self.kwargs)
+
+    @property
+    def layer_states(self) -> weakref.WeakKeyDictionary:
+        """Per-layer decode state, kept on the transformers cache (see :func:`headmods.cache.layer_state`)."""
+        return cache_states(self.cache)
+
+
+def cache_states(cache: Any) -> weakref.WeakKeyDictionary:
+    """The headmods decode states that a transformers ``Cache`` carries, keyed weakly by layer."""
+    states = cache.__dict__.get("headmods_layer_states")
+    if states is None:
+        states = cache.__dict__["headmods_layer_states"] = weakref.WeakKeyDictionary()
+    return states
 
 
 def pick_cache(cache: Any = None, past_key_values: Any = None, past_key_value: Any = None) -> Any:

@@ -9,12 +9,16 @@ registers ``"headmods_longheads"`` with the ``"sdpa"`` mask builder (so causalit
 puts the settings on every attention module and switches the model to it. transformers hands the
 function queries and keys *after* RoPE at positions ``0..Tk-1`` (and caches roped keys); LongHeads
 needs them un-roped, so the function rotates them back (the inverse rotation, exact up to float
-rounding) before running :func:`headmods.layers.longheads.longheads_core`. The per-sequence state
-lives on each attention module. Batches must be unpadded; scaled RoPE is refused.
+rounding) before running :func:`headmods.layers.longheads.longheads_core`. The per-sequence
+selection state lives on the transformers cache (one entry per attention module): a forward
+pre-hook hands the function the cache the module was called with, since transformers does not
+pass it on. Interleaved sequences, each with its own cache, decode exactly. Batches must be
+unpadded; scaled RoPE is refused.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -23,7 +27,7 @@ from torch import Tensor, nn
 from ...functional.rope import apply_rope, rope_cos_sin
 from ...layers.longheads import LongHeadsConfig, LongHeadsState, _host_rope_theta, check_mask, longheads_core
 from .attention_fns import register_attention
-from .common import hf_mask
+from .common import cache_states, hf_mask, pick_cache
 
 __all__ = ["NAME", "longheads_hf_attention", "use_longheads"]
 
@@ -43,7 +47,9 @@ def longheads_hf_attention(module: nn.Module, query: Tensor, key: Tensor, value:
     cos, sin = rope_cos_sin(torch.arange(Tk, device=key.device), d, config.rope_theta, dtype=query.dtype)
     q = apply_rope(query, cos[:, past:], -sin[:, past:])  # rotate back: un-roped queries
     k = apply_rope(key, cos, -sin)
-    state = module.__dict__.setdefault("headmods_longheads_state", LongHeadsState())
+    ref = module.__dict__.get("_headmods_cache")
+    cache = None if ref is None else ref()
+    state = LongHeadsState() if cache is None else cache_states(cache).setdefault(module, LongHeadsState())
     if scaling is not None and abs(scaling - d ** -0.5) > 1e-12 * scaling:
         config = config.replace(scale=scaling)
     out = longheads_core(q, k, value, past, state, config)
@@ -64,10 +70,23 @@ def use_longheads(model: nn.Module, *, chunk_size: int, attend_length: int, begi
                 head_dim=module.head_dim, rope_theta=_host_rope_theta(module), chunk_size=chunk_size,
                 attend_length=attend_length, begin_selective_length=begin_selective_length, selection=selection,
                 query_position=query_position)
-            module.__dict__.pop("headmods_longheads_state", None)
+            for handle in module.__dict__.pop("_headmods_hooks", ()):
+                handle.remove()
+            module._headmods_hooks = (module.register_forward_pre_hook(_remember_cache, with_kwargs=True),
+                                      module.register_forward_hook(_forget_cache))
             paths.append(path)
     if not paths:
         raise ValueError(f"{type(model).__name__} has no LLaMA-family attention modules for LongHeads")
     register_attention(NAME, longheads_hf_attention, mask="sdpa")
     model.set_attn_implementation(NAME)
     return paths
+
+
+def _remember_cache(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+    """Forward pre-hook: the cache of this call (weakly), for :func:`longheads_hf_attention`."""
+    cache = pick_cache(kwargs.get("cache"), kwargs.get("past_key_values"), kwargs.get("past_key_value"))
+    module.__dict__["_headmods_cache"] = None if cache is None else weakref.ref(cache)
+
+
+def _forget_cache(module: nn.Module, args: tuple, output: Any) -> None:
+    module.__dict__.pop("_headmods_cache", None)
