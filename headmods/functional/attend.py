@@ -105,6 +105,10 @@ def attend(
     q_len, k_len = q.size(2), k.size(2)
     if impl == "sdpa":
         bias, is_causal = mask.for_sdpa(q_len, k_len, dtype=q.dtype, device=q.device)
+        if bias is not None and bias.is_cuda and not bias.is_contiguous():
+            # CUDA's half-precision SDPA kernels fail on masks with arbitrary strides (a strided view
+            # such as RCMHA's skewed relative bias gave "misaligned address" on an H200)
+            bias = bias.contiguous()
 
         def core(q_, k_, v_, bias_, causal_):
             out = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=bias_, dropout_p=dropout_p,
