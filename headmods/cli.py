@@ -34,6 +34,10 @@ from .errors import HeadmodsError
 
 STAGES = ("convert", "finetune", "prune", "eval", "compare", "shrp", "dha", "passkey")
 DEMO_RECIPE = "demo_minilm_bbc"
+RUN_FOLDER_HELP = ("Overrides use dotted keys, e.g. train.max_steps=20 data.path=my/texts. The run claims output_dir "
+                   "with run.json: the same command again resumes it; a folder headmods did not create, another "
+                   "recipe's run, or this recipe's run with other settings is refused (--overwrite replaces the "
+                   "last kind).")
 
 
 def _ls(args: argparse.Namespace) -> int:
@@ -151,8 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
              "dha": "DHA: group and fuse K/V heads under a budget, continue training, compare with GQA mean-pool",
              "passkey": "passkey retrieval by length x depth, full attention vs LongHeads (optionally train first)"}
     for stage in STAGES:
-        p = sub.add_parser(stage, help=helps[stage], description=f"{helps[stage]}. Overrides use dotted keys, "
-                           "e.g. train.max_steps=20 data.path=my/texts.")
+        p = sub.add_parser(stage, help=helps[stage], description=f"{helps[stage]}. {RUN_FOLDER_HELP}")
         p.add_argument("--config", help="shipped recipe name or YAML path")
         if stage == "convert":
             p.add_argument("--src", help="source checkpoint: known name, HF folder or .gguf (model.source)")
@@ -181,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(func=_export)
 
     demo = sub.add_parser("demo", help="the main job: MiniLM + BBC News: fine-tune, prune half the heads, "
-                          "recover, evaluate, report")
+                          "recover, evaluate, report", description=f"The main job. {RUN_FOLDER_HELP}")
     demo.add_argument("--out", help="output folder (default from the demo recipe)")
     _run_flags(demo)
     demo.set_defaults(func=_demo)
