@@ -2,12 +2,21 @@
 
     headmods ls                          variants, shipped recipes, known checkpoints
     headmods cp RECIPE DST               copy a shipped recipe to edit
-    headmods convert|finetune|prune|eval|compare|shrp|dha|passkey --config RECIPE [key=value ...]
+    headmods convert|finetune|prune|eval|compare|shrp|dha|passkey --config RECIPE [--resume | --overwrite]
+             [key=value ...]
     headmods bench (--ckpt DIR | --variant NAME) [--batch B --seq-len T]
     headmods export --ckpt DIR --out DIR [--to hf]
-    headmods demo [--out DIR] [key=value ...]
+    headmods demo [--out DIR] [--resume | --overwrite] [key=value ...]
 
-Errors in paths, names and options are one line on stderr and exit status 2.
+A recipe run claims its output_dir with a run.json record. Running the same command again
+resumes it (fit stages continue from their last checkpoint); a folder headmods did not create,
+another recipe's run, or this recipe's run with other settings is refused. --overwrite discards
+this recipe's previous run there and starts over; --resume refuses to do anything but resume.
+
+Expected errors (paths, names, settings, refused folders, unreadable checkpoints, Lightning
+configuration errors) are one line on stderr, ``headmods COMMAND: error: ...``, and exit status
+2; ``headmods --debug COMMAND ...`` also prints the traceback. Anything else is a bug and shows
+its traceback.
 """
 
 from __future__ import annotations
@@ -16,13 +25,19 @@ import argparse
 import shlex
 import shutil
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
+from .errors import HeadmodsError
 
 STAGES = ("convert", "finetune", "prune", "eval", "compare", "shrp", "dha", "passkey")
 DEMO_RECIPE = "demo_minilm_bbc"
+RUN_FOLDER_HELP = ("Overrides use dotted keys, e.g. train.max_steps=20 data.path=my/texts. The run claims output_dir "
+                   "with run.json: the same command again resumes it; a folder headmods did not create, another "
+                   "recipe's run, or this recipe's run with other settings is refused (--overwrite replaces the "
+                   "last kind).")
 
 
 def _ls(args: argparse.Namespace) -> int:
@@ -71,7 +86,7 @@ def _run(args: argparse.Namespace, recipe_file: str, overrides: list[str]) -> in
     if config.recipe != args.command and args.command != "demo":
         raise ValueError(f"{path} is a {config.recipe!r} recipe; run it with `headmods {config.recipe}`")
     command = shlex.join(["headmods", *sys.argv[1:]]) if sys.argv[1:2] == [args.command] else None
-    report = run_recipe(config, command=command)
+    report = run_recipe(config, command=command, resume=args.resume, overwrite=args.overwrite)
     rows = summary_rows(report)
     if rows:
         print(f"\n{markdown_table(rows)}\n\nreport: {Path(config.output_dir) / 'report.md'}")
@@ -140,14 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
              "dha": "DHA: group and fuse K/V heads under a budget, continue training, compare with GQA mean-pool",
              "passkey": "passkey retrieval by length x depth, full attention vs LongHeads (optionally train first)"}
     for stage in STAGES:
-        p = sub.add_parser(stage, help=helps[stage], description=f"{helps[stage]}. Overrides use dotted keys, "
-                           "e.g. train.max_steps=20 data.path=my/texts.")
+        p = sub.add_parser(stage, help=helps[stage], description=f"{helps[stage]}. {RUN_FOLDER_HELP}")
         p.add_argument("--config", help="shipped recipe name or YAML path")
         if stage == "convert":
             p.add_argument("--src", help="source checkpoint: known name, HF folder or .gguf (model.source)")
             p.add_argument("--variant", help="headmods variant to swap in (model.variant)")
             p.add_argument("--out", help="output folder (output_dir)")
-        p.add_argument("overrides", nargs="*", metavar="key=value")
+        _run_flags(p)
         p.set_defaults(func=_stage)
 
     bench = sub.add_parser("bench", help="parameters, latency, tokens/s and peak memory of a checkpoint or variant")
@@ -170,18 +184,54 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(func=_export)
 
     demo = sub.add_parser("demo", help="the main job: MiniLM + BBC News: fine-tune, prune half the heads, "
-                          "recover, evaluate, report")
+                          "recover, evaluate, report", description=f"The main job. {RUN_FOLDER_HELP}")
     demo.add_argument("--out", help="output folder (default from the demo recipe)")
-    demo.add_argument("overrides", nargs="*", metavar="key=value")
+    _run_flags(demo)
     demo.set_defaults(func=_demo)
+    for p in (parser, *sub.choices.values()):  # before or after the command
+        p.add_argument("--debug", action="store_true", default=False if p is parser else argparse.SUPPRESS,
+                       help="on an expected error, also print its traceback")
     return parser
 
 
+def _run_flags(p: argparse.ArgumentParser) -> None:
+    """--resume, --overwrite and the overrides of a recipe command."""
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--resume", action="store_true",
+                     help="only resume: refuse unless output_dir holds this recipe's run with the same settings")
+    how.add_argument("--overwrite", action="store_true",
+                     help="discard this recipe's previous run in output_dir (any settings) and start over; "
+                          "another recipe's run or a folder headmods did not create is never replaced")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+
+
+_EXPECTED = (HeadmodsError, ValueError, TypeError, KeyError, OSError, NotImplementedError, ImportError)
+
+
+def _expected(error: BaseException) -> bool:
+    """An error the user can fix (one line), as opposed to a bug (a traceback)."""
+    if isinstance(error, _EXPECTED):
+        return True
+    lightning = sys.modules.get("lightning.fabric.utilities.exceptions")  # imported only when Lightning ran
+    return lightning is not None and isinstance(error, lightning.MisconfigurationException)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``headmods`` command; returns the exit status (2 for an expected error).
+
+    Example:
+        >>> main(["bench"])  # doctest: +SKIP
+        headmods bench: error: give exactly one of --ckpt DIR (a headmods folder) or --variant NAME
+        2
+    """
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, KeyError, OSError, NotImplementedError, ImportError) as e:
+    except Exception as e:
+        if not _expected(e):
+            raise
+        if args.debug:
+            traceback.print_exc()
         message = " ".join(str(e).split()) or type(e).__name__
         print(f"headmods {args.command}: error: {message}", file=sys.stderr)
         return 2

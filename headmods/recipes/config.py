@@ -17,6 +17,7 @@ section knows. Command-line overrides use the same dotted names: ``train.max_ste
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,34 @@ def _positive(name: str, value: Any, *, allow_zero: bool = False) -> None:
     low = 0 if allow_zero else 1
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+
+
+def _number(name: str, value: Any, low: float, high: float | None = None, *, open_low: bool = False,
+            open_high: bool = False) -> None:
+    """Raise ValueError unless ``value`` is a finite number (not a bool) in the given range.
+
+    Example:
+        >>> _number("lr", "fast", 0, open_low=True)
+        Traceback (most recent call last):
+        ValueError: lr must be a number > 0, got 'fast' (str)
+    """
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+          and (value > low if open_low else value >= low)
+          and (high is None or (value < high if open_high else value <= high)))
+    if ok:
+        return
+    if high is None:
+        expected = f"{'>' if open_low else '>='} {low}"
+    else:
+        expected = f"in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+    hint = ""
+    if isinstance(value, str):
+        try:
+            float(value)
+            hint = " (YAML reads 5e-5 as text: write 5.0e-5)"
+        except ValueError:
+            pass
+    raise ValueError(f"{name} must be a number {expected}, got {value!r} ({type(value).__name__}){hint}")
 
 
 @dataclass(frozen=True)
@@ -107,10 +136,13 @@ class TrainConfig:
         _positive("checkpoint_every_n_steps", self.checkpoint_every_n_steps)
         _positive("log_every_n_steps", self.log_every_n_steps)
         _positive("accumulate_grad_batches", self.accumulate_grad_batches)
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr!r}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        _positive("seed", self.seed, allow_zero=True)
+        if not isinstance(self.devices, str) and self.devices != -1:
+            _positive("devices (or -1 for all, or a string such as auto)", self.devices)
+        _number("lr", self.lr, 0, open_low=True)
+        _number("weight_decay", self.weight_decay, 0)
+        _number("warmup_ratio", self.warmup_ratio, 0, 1, open_high=True)
+        _number("aux_weight", self.aux_weight, 0)
 
 
 @dataclass(frozen=True)
@@ -128,9 +160,9 @@ class PruneConfig:
     def __post_init__(self) -> None:
         if self.importance not in ("magnitude", "ablation", "taylor"):
             raise ValueError(f"importance must be magnitude, ablation or taylor, got {self.importance!r}")
-        if not 0 <= self.ratio < 1:
-            raise ValueError(f"ratio must be in [0, 1), got {self.ratio!r}")
+        _number("ratio", self.ratio, 0, 1, open_high=True)
         object.__setattr__(self, "ignore", tuple(self.ignore))
+        _positive("min_heads", self.min_heads)
         _positive("calib_samples", self.calib_samples)
         _positive("recover_steps", self.recover_steps, allow_zero=True)
 
@@ -160,9 +192,11 @@ class SHRPStageConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sweep", tuple(self.sweep))
-        for value in (self.threshold, *self.sweep):
-            if not 0 <= value <= 1:
-                raise ValueError(f"usage thresholds must be fractions in [0, 1], got {value!r}")
+        _number("threshold", self.threshold, 0, 1)
+        for value in self.sweep:
+            _number("each sweep threshold", value, 0, 1)
+        if self.drop_below is not None:
+            _number("drop_below", self.drop_below, 0)
         if self.extreme_keep_layers is not None:
             _positive("extreme_keep_layers", self.extreme_keep_layers)
 

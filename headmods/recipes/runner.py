@@ -2,14 +2,27 @@
 
 Every run writes into ``output_dir``: the final model as a headmods folder (``model/``; the demo
 also keeps ``finetuned/``), ``report.md`` + ``metrics.json`` + PNG plots, and resumable Lightning
-checkpoints under ``lightning/<stage>/``. Running the same command again resumes a fit stage
-from its last checkpoint. Only rank 0 continues after a distributed fit.
+checkpoints under ``lightning/<stage>/``, and ``run.json``, the run record.
+
+Before writing anything a run claims ``output_dir`` (:mod:`headmods.recipes.run_folder`): a
+missing or empty folder starts a fresh run; running the same command again (same recipe, same
+settings) resumes a fit stage from its last checkpoint. A folder headmods did not create, a
+folder holding another recipe's run (an ``eval`` never replaces a fine-tune's results) and a
+folder holding this recipe's run with other settings are refused; ``overwrite=True``
+(``--overwrite``) removes a same-recipe run and starts over, ``resume=True`` (``--resume``)
+refuses to start anything but a resume. Only rank 0 continues after a distributed fit.
+
+Example:
+    >>> from headmods.recipes.config import load_config
+    >>> config = load_config("recipes/minilm_bbc_eval.yaml", ["output_dir=/tmp/eval"])  # doctest: +SKIP
+    >>> run_recipe(config, resume=True).metrics["eval"]["val_accuracy"]  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import os
 import shlex
 import sys
 import time
@@ -21,12 +34,14 @@ import torch
 from torch import nn
 
 from ..bench import compare
+from ..errors import ConfigError
 from ..io import save
 from ..prune import head_importance, plan_from_scores, prune_heads
 from .build import build_model, source_model
 from .config import RecipeConfig
 from .data import RecipeDataModule
 from .report import RunReport, markdown_table
+from .run_folder import RunFolder, claim_run_folder
 from .training import fit, make_task
 
 __all__ = ["run_recipe", "RecipeRun", "summary_rows"]
@@ -37,16 +52,20 @@ def _params(model: nn.Module) -> int:
 
 
 class RecipeRun:
-    """One recipe run; ``run()`` executes the stages of ``config.recipe`` and writes the report."""
+    """One recipe run; ``run()`` claims ``output_dir``, executes the stages of ``config.recipe``
+    and writes the report (``resume`` / ``overwrite``: see the module docstring)."""
 
     def __init__(self, config: RecipeConfig, *, command: str | None = None, callbacks: tuple = (),
-                 log: Any = None) -> None:
+                 log: Any = None, resume: bool = False, overwrite: bool = False) -> None:
         self.config = config
         self.out = Path(config.output_dir)
         self.callbacks = callbacks
         self.log = log or (lambda msg: print(msg, flush=True))
+        self.command = command or shlex.join(["headmods", *sys.argv[1:]])
         self.report = RunReport(title=f"headmods {config.recipe}: {config.model.checkpoint or config.model.source}",
-                                command=command or shlex.join(["headmods", *sys.argv[1:]]), config=config.to_dict())
+                                command=self.command, config=config.to_dict())
+        self.resume, self.overwrite = resume, overwrite
+        self.folder: RunFolder | None = None
         self.dm: RecipeDataModule | None = None
         self.rank = 0
 
@@ -157,17 +176,31 @@ class RecipeRun:
             self.report.head_usage = usage
 
     def run(self) -> RunReport:
-        L.seed_everything(self.config.train.seed, workers=True, verbose=False)
-        recipe = getattr(self, f"_{self.config.recipe}")
-        finished = recipe()
-        if finished is False:
-            return self.report  # a non-zero rank of a distributed fit
-        files = self.report.write(self.out)
+        """Claim ``output_dir`` (refusals raise :class:`~headmods.errors.RunFolderError`), run the
+        stages, write the report and mark the run finished."""
+        if not _worker_process():  # processes a distributed fit launched share rank 0's claim
+            self.folder = claim_run_folder(self.out, recipe=self.config.recipe, config=self.config.to_dict(),
+                                           command=self.command, resume=self.resume, overwrite=self.overwrite,
+                                           log=self.log)
+        try:
+            L.seed_everything(self.config.train.seed, workers=True, verbose=False)
+            recipe = getattr(self, f"_{self.config.recipe}")
+            finished = recipe()
+            if finished is False:
+                return self.report  # a non-zero rank of a distributed fit
+            files = self.report.write(self.out)
+        except BaseException:
+            if self.folder is not None:
+                self.folder.release()
+            raise
+        if self.folder is not None:
+            self.folder.finish()
         self.log(f"[report] {files['report.md']}")
         return self.report
 
     def _model(self) -> tuple[nn.Module, Any, dict[str, Any]]:
         model, tokenizer, info = build_model(self.config.model, label_names=self.labels())
+        _check_variant(self.config.model.variant, self.config.model.checkpoint, model)
         for key, value in info.items():
             self.report.add_metric(f"model.{key}", value)
         return model, tokenizer, info
@@ -281,6 +314,28 @@ class RecipeRun:
         return self._prune(model, tokenizer)
 
 
+def _worker_process() -> bool:
+    """True in a process that a distributed launcher started for a non-zero rank."""
+    for name in ("RANK", "LOCAL_RANK", "NODE_RANK"):
+        value = os.environ.get(name, "0")
+        if value.strip() not in ("", "0"):
+            return True
+    return False
+
+
+def _check_variant(variant: str | None, checkpoint: str | None, model: nn.Module) -> None:
+    """``model.variant`` must name the attention of a ``model.checkpoint`` folder (or be null)."""
+    from ..layers.base import HeadAttention
+
+    if checkpoint is None or variant is None:
+        return
+    held = sorted({type(m).variant for m in model.modules() if isinstance(m, HeadAttention)})
+    if held and held != [variant]:
+        raise ConfigError(f"model.variant is {variant!r} but the folder {checkpoint} (model.checkpoint) holds "
+                          f"{', '.join(repr(v) for v in held)} attention; set model.variant={held[0]} or "
+                          "model.variant=null")
+
+
 def _base(model: nn.Module) -> nn.Module:
     return getattr(model, "base_model", model)
 
@@ -311,6 +366,17 @@ def summary_rows(report: RunReport) -> list[dict[str, Any]]:
     return rows
 
 
-def run_recipe(config: RecipeConfig, *, command: str | None = None, callbacks: tuple = ()) -> RunReport:
-    """Run ``config`` (see :class:`RecipeRun`) and return its report."""
-    return RecipeRun(config, command=command, callbacks=callbacks).run()
+def run_recipe(config: RecipeConfig, *, command: str | None = None, callbacks: tuple = (), resume: bool = False,
+               overwrite: bool = False) -> RunReport:
+    """Run ``config`` (see :class:`RecipeRun`) and return its report.
+
+    ``resume=True`` refuses unless ``output_dir`` holds this recipe's run with the same settings;
+    ``overwrite=True`` removes such a run with any settings and starts over (never another
+    recipe's run). Without either, a run with the same settings is resumed.
+
+    Example:
+        >>> from headmods.recipes.config import load_config
+        >>> config = load_config("recipes/minilm_bbc_finetune.yaml", ["train.lr=2e-4"])  # doctest: +SKIP
+        >>> run_recipe(config, overwrite=True)  # doctest: +SKIP
+    """
+    return RecipeRun(config, command=command, callbacks=callbacks, resume=resume, overwrite=overwrite).run()

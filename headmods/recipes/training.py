@@ -5,7 +5,9 @@ Each fit stage keeps ``<output_dir>/lightning/<stage>/last.ckpt`` (every
 the model, optimizer, scheduler and loop counters, the task restores torch's RNG state, and the
 data module's step-indexed training stream continues with the batch of the restored step, so the
 resumed run computes what the uninterrupted one would have. Lightning checkpoints are resume
-artifacts read with ``weights_only=True``; the distribution format is the headmods folder.
+artifacts read with ``weights_only=True``; one that cannot be read so (truncated, or holding
+pickled objects) is a :class:`~headmods.errors.CheckpointError` naming the file. The
+distribution format is the headmods folder.
 """
 
 from __future__ import annotations
@@ -13,18 +15,22 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import pickle
+import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
+from ..errors import CheckpointError
 from .config import TrainConfig
 from .tasks import RecipeTask
 
-__all__ = ["LossHistory", "ProgressSchedule", "fit", "make_task"]
+__all__ = ["LossHistory", "ProgressSchedule", "check_resume_checkpoint", "fit", "make_task"]
 
 
 class LossHistory(Callback):
@@ -88,9 +94,42 @@ def make_task(model: Any, task: str, train: TrainConfig, *, steps: int, num_labe
     return CausalLMTask(model, **kwargs)
 
 
+def check_resume_checkpoint(path: Path) -> None:
+    """Raise :class:`CheckpointError` unless ``path`` loads with ``torch.load(weights_only=True)``.
+
+    The file is memory-mapped, so tensors are not read: the check costs little for large models.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     bad = pathlib.Path(d) / "last.ckpt"
+        ...     _ = bad.write_bytes(b"cut short")
+        ...     try:
+        ...         check_resume_checkpoint(bad)
+        ...     except CheckpointError as e:
+        ...         "truncated or corrupt" in str(e)
+        True
+    """
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        raise CheckpointError(f"the resume checkpoint {path} holds pickled objects"
+                              f"{f' ({found.group(1)})' if found else ''} that loading with weights_only=True "
+                              "refuses; pass --overwrite to start the run over") from e
+    except Exception as e:  # any other failure: the file cannot be resumed from
+        first = " ".join(str(e).split()).split(". ")[0] or type(e).__name__
+        raise CheckpointError(f"the resume checkpoint {path} is truncated or corrupt ({first}); pass --overwrite to "
+                              "start the run over") from e
+
+
 def fit(task: RecipeTask, datamodule: L.LightningDataModule, train: TrainConfig, *, steps: int, stage_dir: Path,
         callbacks: tuple[Callback, ...] = ()) -> tuple[L.Trainer, list[list[float]]]:
-    """Train ``task`` for ``steps`` optimizer steps; resume from ``stage_dir/last.ckpt`` when present."""
+    """Train ``task`` for ``steps`` optimizer steps; resume from ``stage_dir/last.ckpt`` when present.
+
+    Raises:
+        CheckpointError: ``last.ckpt`` exists but cannot be read with ``weights_only=True``.
+    """
     history = LossHistory(train.log_every_n_steps)
     world = train.devices if isinstance(train.devices, int) else 1
     per_epoch = max(1, len(datamodule.train_dataset) // (datamodule.config.batch_size * world))
@@ -106,6 +145,8 @@ def fit(task: RecipeTask, datamodule: L.LightningDataModule, train: TrainConfig,
             log_every_n_steps=train.log_every_n_steps, default_root_dir=str(stage_dir),
         )
     last = stage_dir / "last.ckpt"
+    if last.is_file():
+        check_resume_checkpoint(last)
     task.train()  # models arrive in eval mode (loaders, evaluation); Lightning keeps submodule modes
     with quiet_lightning():
         trainer.fit(task, datamodule=datamodule, ckpt_path=str(last) if last.is_file() else None, weights_only=True)

@@ -27,21 +27,30 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-@pytest.fixture
-def tiny_recipe(tmp_path: Path, tiny_bert_dir: Path):
-    """Write a small finetune recipe for the tiny BERT on 96 BBC articles; returns its path."""
+@pytest.fixture(scope="session")
+def write_tiny_recipe(tiny_bert_dir: Path):
+    """``write(path, output_dir)``: a small finetune recipe for the tiny BERT on 96 BBC articles."""
 
-    def write(name: str = "tiny.yaml", **extra: str) -> Path:
+    def write(path: Path, output_dir: Path) -> Path:
         text = f"""
 recipe: finetune
-output_dir: {tmp_path / 'run'}
+output_dir: {output_dir}
 model: {{source: {tiny_bert_dir}, variant: mha, task: classification}}
 data: {{kind: bbc, limit: 96, max_length: 32, val_fraction: 0.25, seed: 3, batch_size: 8, eval_batch_size: 16}}
 train: {{max_steps: 10, lr: 1.0e-3, checkpoint_every_n_steps: 3, log_every_n_steps: 1, progress_bar: false}}
 bench: {{rounds: 0}}
 """
-        path = tmp_path / name
         path.write_text(text)
         return path
+
+    return write
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path: Path, write_tiny_recipe):
+    """Write a small finetune recipe (output_dir ``tmp_path / 'run'``); returns its path."""
+
+    def write(name: str = "tiny.yaml", **extra: str) -> Path:
+        return write_tiny_recipe(tmp_path / name, tmp_path / "run")
 
     return write

@@ -188,7 +188,9 @@ def test_killed_and_resumed_finetune_reproduces_the_uninterrupted_run(tmp_path, 
         run_recipe(interrupted, callbacks=(KillAt(),))
     assert (tmp_path / "resumed" / "lightning" / "finetune" / "last.ckpt").is_file()
     assert not (tmp_path / "resumed" / "model").exists()
+    assert json.loads((tmp_path / "resumed" / "run.json").read_text())["status"] == "running"
     run_recipe(interrupted)  # the same command again: resumes from step 6
+    assert json.loads((tmp_path / "resumed" / "run.json").read_text())["status"] == "finished"
     a = json.loads((tmp_path / "straight" / "metrics.json").read_text())["finetune"]
     b = json.loads((tmp_path / "resumed" / "metrics.json").read_text())["finetune"]
     for key in ("val_loss", "val_accuracy", "val_f1"):
