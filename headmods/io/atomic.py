@@ -73,8 +73,12 @@ def _siblings(dest: Path, kind: str) -> list[tuple[Path, int | None]]:
     for p in dest.parent.iterdir():
         if p.name.startswith(prefix):
             m = re.match(r"(\d+)-", p.name[len(prefix):])
-            found.append((p, int(m.group(1)) if m else None))  # no pid: an older headmods wrote it
-    return sorted(found, key=lambda e: e[0].lstat().st_mtime, reverse=True)
+            try:
+                mtime = p.lstat().st_mtime
+            except FileNotFoundError:  # its writer just removed it
+                continue
+            found.append((mtime, p, int(m.group(1)) if m else None))  # no pid: an older headmods wrote it
+    return [(p, pid) for _, p, pid in sorted(found, key=lambda e: e[0], reverse=True)]
 
 
 def _payload(old: Path, name: str) -> Path:

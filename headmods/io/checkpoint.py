@@ -252,7 +252,11 @@ def _restore_layer(model: nn.Module, path: str, entry: dict[str, Any]) -> None:
             raise CheckpointError(f"saved layer {path!r} was a native headmods layer; the model has "
                                   f"{type(module).__name__}")
         ref = next(module.parameters())
-        set_submodule(model, path, variant.from_config(config, device=ref.device, dtype=ref.dtype))
+        try:
+            layer = variant.from_config(config, device=ref.device, dtype=ref.dtype)
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"layer {path!r} in {MANIFEST} does not build: {e}") from None
+        set_submodule(model, path, layer)
         return
     host = host_named(entry["host"])
     if find_host(module) is not host:

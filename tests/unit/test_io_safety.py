@@ -332,6 +332,45 @@ def test_any_manifest_edit_loads_the_same_model_or_raises_a_headmods_error(base,
     assert loaded[0].config == native(prune=True)[0].config, path
 
 
+@pytest.mark.parametrize("cls", ["NoSuchModel", "__version__", "AutoConfig"])
+def test_hf_host_class_must_name_a_transformers_model(llama_ckpt, tmp_path, cls):
+    folder = shutil.copytree(llama_ckpt, tmp_path / "ckpt")
+    edit(folder, _set("host", "class", value=cls))
+    with pytest.raises(CheckpointError, match=rf"host\.class .*must name a transformers model class, got '{cls}'"):
+        headmods.load(folder)
+
+
+def test_hf_config_that_does_not_build_is_a_checkpoint_error(llama_ckpt, tmp_path):
+    folder = shutil.copytree(llama_ckpt, tmp_path / "ckpt")
+    (folder / "config.json").write_text(json.dumps({"hidden_size": "wide"}))
+    with pytest.raises(CheckpointError, match=r"cannot build LlamaForCausalLM from .*config\.json"):
+        headmods.load(folder)
+
+
+@pytest.fixture(scope="module")
+def llama_ref(llama_ckpt):
+    return headmods.load(llama_ckpt)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_any_manifest_edit_of_an_hf_checkpoint_loads_the_same_model_or_raises(llama_ckpt, llama_ref, tmp_path,
+                                                                             data):
+    manifest = json.loads((llama_ckpt / MANIFEST).read_text())
+    path = data.draw(st.sampled_from(list(_paths(manifest))[1:]), label="field")
+    parent = manifest
+    for k in path[:-1]:
+        parent = parent[k]
+    parent[path[-1]] = data.draw(JSON_VALUES, label="value")
+    folder = Path(shutil.copytree(llama_ckpt, tempfile.mkdtemp(dir=tmp_path), dirs_exist_ok=True))
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    try:
+        loaded = headmods.load(folder)
+    except HeadmodsError:
+        return
+    assert same_state(loaded, llama_ref), path
+
+
 # -- truncated weight files --------------------------------------------------------------------
 
 def test_truncated_gguf_is_named_as_truncated(tmp_path):
