@@ -4,7 +4,9 @@
 reads: every shard an index names exists, every key an index lists is in its shard, corrupt or
 truncated files are named. ``load_hf_model`` builds the model from the folder's config and loads
 the weights after comparing key sets and shapes itself, so a mismatch names the keys and both
-shapes. ``load_gguf_model`` dequantizes a GGUF file to an fp32 ``transformers`` model that
+shapes. Shard names from an index must be plain names inside the folder
+(:class:`~headmods.errors.UnsafePathError`); truncated files raise
+:class:`~headmods.errors.CorruptFileError`. ``load_gguf_model`` dequantizes a GGUF file to an fp32 ``transformers`` model that
 ``save_pretrained`` accepts. Nothing touches the network; ``.bin`` files go through
 ``torch.load(weights_only=True)`` only. ``transformers`` and ``safetensors`` are imported inside
 the functions, so importing this module needs torch alone.
@@ -28,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from ..errors import CorruptFileError
 from .sources import Source
 
 if TYPE_CHECKING:
@@ -118,7 +121,7 @@ def _read_safetensors(file: Path) -> dict[str, Tensor]:
     try:
         return load_file(str(file), device="cpu")
     except SafetensorError as err:
-        raise ValueError(
+        raise CorruptFileError(
             f"cannot read {file.name} in {file.parent}: {err} (the file is truncated, corrupt, "
             f"or not a safetensors file; {file.stat().st_size} bytes on disk)"
         ) from None
@@ -144,7 +147,7 @@ def _read_bin(file: Path) -> dict[str, Tensor]:
             f"so convert the file to safetensors with a tool you trust"
         ) from None
     except (RuntimeError, EOFError, OSError) as err:
-        raise ValueError(
+        raise CorruptFileError(
             f"cannot read {file.name} in {file.parent}: {err} (truncated, corrupt, or not a torch file)"
         ) from None
     if not isinstance(obj, Mapping):
@@ -167,10 +170,11 @@ def _read_index(index: Path, read_shard: Any) -> dict[str, Tensor]:
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise ValueError(f"{index} should hold a non-empty 'weight_map' of key -> shard file name")
+    from ..io.paths import inside  # here: headmods.io imports this module
+
     by_shard: dict[str, list[str]] = {}
     for key, shard in weight_map.items():
-        if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", ".."):
-            raise ValueError(f"{index.name} maps {key!r} to {shard!r}; shards are plain file names in {folder}")
+        inside(folder, shard, f"{index.name} (the shard of {key!r}; shards are plain file names in {folder})")
         by_shard.setdefault(shard, []).append(key)
     missing = sorted(s for s in by_shard if not (folder / s).is_file())
     if missing:
@@ -412,6 +416,21 @@ def _as_gguf(path: PathLike, caller: str) -> Path:
     return path
 
 
+def _check_gguf(path: Path) -> None:
+    """Parse the GGUF header and tensor table (memory-mapped) so a truncated file is named as such."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        return  # transformers says that gguf is needed
+    try:
+        GGUFReader(str(path))
+    except Exception as err:  # the reader raises ValueError, IndexError, struct.error, ... on bad bytes
+        raise CorruptFileError(
+            f"{path} ({path.stat().st_size} bytes) is truncated or corrupt: expected a complete GGUF file "
+            f"(header, tensor table and all tensor data); reading it failed with {type(err).__name__}: {err}"
+        ) from None
+
+
 def load_gguf_model(path: PathLike) -> "nn.Module":
     """Load a GGUF file as an fp32 ``AutoModelForCausalLM`` (dequantized by transformers), offline.
 
@@ -426,6 +445,7 @@ def load_gguf_model(path: PathLike) -> "nn.Module":
         3
     """
     path = _as_gguf(path, "load_gguf_model")
+    _check_gguf(path)
     try:
         from transformers import AutoModelForCausalLM
     except ImportError as err:
@@ -469,6 +489,7 @@ def load_tokenizer(source: PathLike) -> Any:
 
     if is_gguf:
         path = _as_gguf(path, "load_tokenizer")
+        _check_gguf(path)
         return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
     folder = _as_folder(path, "load_tokenizer")
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):

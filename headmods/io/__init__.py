@@ -1,4 +1,4 @@
-"""The headmods checkpoint format: ``save``, ``load``, ``export`` (DESIGN §4)."""
+"""The headmods checkpoint format: ``save``, ``load``, ``export``, written atomically and read defensively."""
 
 from .checkpoint import MANIFEST, SCHEMA_VERSION, load, read_manifest, save
 from .export import export, to_stock_hf

@@ -1,6 +1,6 @@
 """The headmods checkpoint format: save a model with headmods layers, load it back without pickle.
 
-A checkpoint is a folder (DESIGN §4)::
+A checkpoint is a folder::
 
     headmods.json       schema_version, headmods version, host (kind, class, model_type), one
                         entry per headmods layer (variant, host adapter, full config, structure:
@@ -15,6 +15,11 @@ A checkpoint is a folder (DESIGN §4)::
 layer back at its path with its saved structure (pruned layers included) and loads the weights
 strictly. A plain torch host cannot be rebuilt from a folder: pass the unswapped model as
 ``model=`` and the layers are applied to it.
+
+Safety: the folder is written atomically (:mod:`headmods.io.atomic`); every name read from the
+manifest or an index must stay inside the folder (:mod:`headmods.io.paths`); the manifest is
+validated as a whole before anything is built (:mod:`headmods.io.manifest`) and compared with
+the structure and dtype recorded in the weights file (:mod:`headmods.io.integrity`).
 """
 
 from __future__ import annotations
@@ -33,14 +38,18 @@ from ..integrations.base import find_host, host_named
 from ..layers.base import HeadAttention
 from ..registry import get_variant
 from ..swap import build_layer, set_submodule
-from .atomic import atomic_folder
+from ..errors import CheckpointError, CheckpointNotFoundError
+from .atomic import atomic_folder, find_folder
 from .card import model_card
+from .integrity import check_dtype, check_layers, read_metadata, weights_metadata
+from .manifest import SCHEMA_VERSION, layer_config, validate_manifest
+from .owned import check_replaceable
+from .paths import inside
 from .weights import load_strict, read_weights, write_weights
 
 __all__ = ["save", "load", "read_manifest", "MANIFEST", "SCHEMA_VERSION"]
 
 MANIFEST = "headmods.json"
-SCHEMA_VERSION = 1
 
 
 def describe_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -89,6 +98,10 @@ def save(model: nn.Module, folder: str | os.PathLike, *, tokenizer: Any = None, 
     Args:
         model: a transformers model or any torch module holding headmods layers.
         folder: destination; must not exist unless ``overwrite=True``; never the ``source``.
+        overwrite: replace an existing ``folder``, only when it is empty or a headmods / Hugging
+            Face model folder holding nothing but files those formats write (else
+            :class:`~headmods.errors.OutputExistsError` names the other files). The previous
+            folder stays loadable until the new one is complete.
         tokenizer: a tokenizer (``save_pretrained``) or a folder whose tokenizer files are copied.
         source: where the model came from (a folder or file); its sha256s go into provenance and
             it is protected from being written.
@@ -114,10 +127,12 @@ def save(model: nn.Module, folder: str | os.PathLike, *, tokenizer: Any = None, 
         prov["source_sha256"] = {p.name: sha256_file(p) for p in files}
     prov.update(provenance or {})
     params = [p for p in model.parameters()]
+    dtype = str(params[0].dtype).removeprefix("torch.") if params else None
     protect = () if source is None else (Path(source) if Path(source).is_dir() else Path(source).parent,)
-    with atomic_folder(folder, overwrite=overwrite, protect=protect) as tmp:
+    with atomic_folder(folder, overwrite=overwrite, protect=protect, may_replace=check_replaceable) as tmp:
         max_bytes = None if max_shard_mb is None else int(max_shard_mb * 2**20)
-        files, aliases = write_weights(model.state_dict(), tmp, max_shard_bytes=max_bytes)
+        files, aliases = write_weights(model.state_dict(), tmp, max_shard_bytes=max_bytes,
+                                       metadata=weights_metadata(layers, dtype))
         if host["kind"] == "hf":
             model.config.to_json_file(str(tmp / "config.json"))
             gen = getattr(model, "generation_config", None)
@@ -129,7 +144,7 @@ def save(model: nn.Module, folder: str | os.PathLike, *, tokenizer: Any = None, 
             "host": host,
             "layers": layers,
             "weights": {"format": "safetensors", "files": files, "aliases": aliases},
-            "dtype": str(params[0].dtype).removeprefix("torch.") if params else None,
+            "dtype": dtype,
             "tokenizer_files": _copy_tokenizer(tokenizer, tmp),
             "provenance": prov,
         }
@@ -145,53 +160,83 @@ def _version() -> str:
 
 
 def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
-    """The parsed ``headmods.json`` of ``folder``, checked for the fields ``load`` needs."""
-    path = Path(folder) / MANIFEST
+    """The parsed ``headmods.json`` of ``folder``, every field validated (see :func:`validate_manifest`).
+
+    When ``folder`` is missing because a writer crashed between its two renames, the complete
+    previous checkpoint it left beside it is read instead.
+
+    Example:
+        >>> import headmods, tempfile, torch
+        >>> path = headmods.save(torch.nn.Sequential(headmods.MultiHeadAttention(16, 2)), tempfile.mkdtemp() + "/c")
+        >>> read_manifest(path)["layers"]["0"]["structure"]["num_heads"]
+        2
+    """
+    folder = find_folder(folder)
+    path = folder / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"{folder} is not a headmods checkpoint: {MANIFEST} is missing")
+        raise CheckpointNotFoundError(f"{folder} is not a headmods checkpoint: {MANIFEST} is missing "
+                                      "(expected a folder written by headmods.save)")
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    missing = [k for k in ("schema_version", "host", "layers", "weights") if k not in manifest]
-    if missing:
-        raise ValueError(f"{path} lacks the fields {missing}")
-    if manifest["schema_version"] > SCHEMA_VERSION:
-        raise ValueError(f"{path} has schema_version {manifest['schema_version']}; this headmods reads up to "
-                         f"{SCHEMA_VERSION}: upgrade headmods")
-    return manifest
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    return validate_manifest(manifest, folder)
 
 
 def _build_hf_host(folder: Path, host: dict[str, Any]) -> nn.Module:
     import transformers
 
     cls = getattr(transformers, host["class"], None)
-    if cls is None:
-        raise ValueError(f"transformers has no class {host['class']!r} (recorded in {MANIFEST})")
-    config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
-    return cls._from_config(config)
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise CheckpointError(f"host.class in {MANIFEST} must name a transformers model class, got {host['class']!r}")
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        return cls._from_config(config)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"cannot build {host['class']} from {folder / 'config.json'}: "
+                              f"{type(e).__name__}: {e}") from None
 
 
 def load(folder: str | os.PathLike, *, model: nn.Module | None = None) -> nn.Module:
     """Rebuild the model saved in ``folder`` (eval mode): host, headmods layers, weights (strict).
 
+    Before anything is built the manifest is validated and compared with the layer structure and
+    dtype the weights file records; any disagreement, unsafe file name or malformed field raises a
+    :class:`~headmods.errors.HeadmodsError` subclass naming the field, what was expected and what
+    was given. After a crashed save, the complete previous checkpoint is loaded.
+
     Args:
         folder: a folder written by :func:`save`.
         model: the unswapped host model, required when the host is not a transformers model.
+
+    Example:
+        >>> import headmods, tempfile, torch
+        >>> path = headmods.save(torch.nn.Sequential(headmods.MultiHeadAttention(16, 2)), tempfile.mkdtemp() + "/c")
+        >>> type(load(path, model=torch.nn.Sequential(headmods.MultiHeadAttention(16, 2)))[0]).__name__
+        'MultiHeadAttention'
     """
-    folder = Path(folder)
+    folder = find_folder(folder)
     manifest = read_manifest(folder)
-    host = manifest["host"]
+    host, weights = manifest["host"], manifest["weights"]
+    files = [inside(folder, name, "weights.files") for name in weights["files"]]
+    if model is None and host["kind"] != "hf":
+        raise CheckpointError(f"{folder} holds a plain torch model ({host['class']}); it cannot be rebuilt "
+                              "from files: pass the unswapped model as load(folder, model=...)")
+    state = read_weights(folder, weights.get("aliases"))
+    missing = [p.name for p in files if not p.is_file()]
+    if missing:
+        raise CheckpointNotFoundError(f"{folder}: weights.files names {missing}, which are missing "
+                                      "(expected every listed weights file in the folder)")
+    metadata = read_metadata(files[0])
+    check_layers(manifest["layers"], metadata)
     if model is None:
-        if host["kind"] != "hf":
-            raise ValueError(f"{folder} holds a plain torch model ({host['class']}); it cannot be rebuilt from "
-                             "files: pass the unswapped model as load(folder, model=...)")
         model = _build_hf_host(folder, host)
+    check_dtype(manifest.get("dtype"), metadata, state)
     if manifest.get("dtype"):
         model.to(getattr(torch, manifest["dtype"]))
     for path, entry in manifest["layers"].items():
         _restore_layer(model, path, entry)
-    load_strict(model, read_weights(folder, manifest["weights"].get("aliases")))
+    load_strict(model, state)
     return model.eval()
 
 
@@ -199,21 +244,28 @@ def _restore_layer(model: nn.Module, path: str, entry: dict[str, Any]) -> None:
     try:
         module = model.get_submodule(path)
     except AttributeError:
-        raise ValueError(f"the model has no module {path!r} for the saved layer of that path") from None
-    try:
-        variant = get_variant(entry["variant"])
-        config = variant.config_class.from_dict(entry["config"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"layer {path!r} in {MANIFEST} is invalid: {e}") from None
+        raise CheckpointError(f"the model has no module {path!r} for the saved layer of that path") from None
+    variant = get_variant(entry["variant"])
+    config = layer_config(entry, path)
     if entry["host"] == "native" or isinstance(module, HeadAttention):
         if not isinstance(module, HeadAttention):
-            raise ValueError(f"saved layer {path!r} was a native headmods layer; the model has {type(module).__name__}")
+            raise CheckpointError(f"saved layer {path!r} was a native headmods layer; the model has "
+                                  f"{type(module).__name__}")
         ref = next(module.parameters())
-        set_submodule(model, path, variant.from_config(config, device=ref.device, dtype=ref.dtype))
+        try:
+            layer = variant.from_config(config, device=ref.device, dtype=ref.dtype)
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"layer {path!r} in {MANIFEST} does not build: {e}") from None
+        set_submodule(model, path, layer)
         return
     host = host_named(entry["host"])
     if find_host(module) is not host:
-        raise ValueError(f"saved layer {path!r} replaced a {entry['host']} module; the model has "
-                         f"{type(module).__name__} there")
-    set_submodule(model, path, build_layer(module, host, variant, config=config))
+        raise CheckpointError(f"saved layer {path!r} replaced a {entry['host']} module; the model has "
+                              f"{type(module).__name__} there")
+    try:
+        layer = build_layer(module, host, variant, config=config)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"layer {path!r} in {MANIFEST} does not fit the model's {type(module).__name__}: "
+                              f"{e}") from None
+    set_submodule(model, path, layer)
     host.prepare_parent(model, path)

@@ -20,8 +20,11 @@ from torch import nn
 
 from ..integrations.base import host_named
 from ..layers.base import HeadAttention
-from .atomic import atomic_folder
+from ..errors import ConfigError
+from .atomic import atomic_folder, find_folder
 from .checkpoint import load, read_manifest
+from .owned import check_replaceable
+from .paths import inside
 from .weights import load_strict
 
 __all__ = ["export", "to_stock_hf"]
@@ -69,19 +72,26 @@ def export(source: str | os.PathLike | nn.Module, dest: str | os.PathLike, *, to
            overwrite: bool = False) -> Path:
     """Write a stock transformers folder (``save_pretrained``) for a headmods folder or model.
 
+    The tokenizer files the source manifest lists are copied; each name must be a plain file
+    inside the source folder (else :class:`~headmods.errors.UnsafePathError`). ``dest`` is written
+    atomically; with ``overwrite=True`` an existing ``dest`` is replaced only when it is empty or a
+    headmods / Hugging Face model folder holding nothing but files those formats write (else
+    :class:`~headmods.errors.OutputExistsError` names the other files).
+
     Example:
         >>> # headmods.export("runs/minilm-pruned", "runs/minilm-pruned-hf")  # then AutoModel.from_pretrained
     """
     if to != "hf":
-        raise ValueError(f"export target must be 'hf', got {to!r}")
-    folder = None if isinstance(source, nn.Module) else Path(source)
+        raise ConfigError(f"export target must be 'hf', got {to!r}")
+    folder = None if isinstance(source, nn.Module) else find_folder(source)
     model = source if folder is None else load(folder)
     stock = to_stock_hf(model)
+    names = [] if folder is None else read_manifest(folder).get("tokenizer_files", [])
+    files = [inside(folder, name, "tokenizer_files") for name in names]
     protect = () if folder is None else (folder,)
-    with atomic_folder(dest, overwrite=overwrite, protect=protect) as tmp:
+    with atomic_folder(dest, overwrite=overwrite, protect=protect, may_replace=check_replaceable) as tmp:
         stock.save_pretrained(str(tmp))
-        if folder is not None:
-            for name in read_manifest(folder).get("tokenizer_files", []):
-                if (folder / name).is_file():
-                    shutil.copy2(folder / name, tmp / name)
+        for file in files:
+            if file.is_file():
+                shutil.copy2(file, tmp / file.name)
     return Path(dest)

@@ -18,39 +18,15 @@ from __future__ import annotations
 import io
 import math
 import os
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..io.atomic import write_atomic  # re-exported: it moved to headmods.io.atomic
+
 __all__ = ["plot_curves", "plot_heatmap", "plot_latency", "plot_tradeoff", "short_labels", "write_atomic"]
 
 _DPI = 100
-
-
-def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to a temporary file beside ``path``, then rename it over ``path``.
-
-    A reader sees the old file or the new one, never half of one; on failure the temporary file
-    is removed and ``path`` is left as it was. The parent folder is created when missing.
-
-    Example:
-        >>> import pathlib, tempfile
-        >>> with tempfile.TemporaryDirectory() as d:
-        ...     write_atomic(pathlib.Path(d) / "a.txt", b"hi").read_bytes()
-        b'hi'
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "xb") as fh:  # "x": never clobber; mode honours the umask
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
 
 
 def short_labels(names: Sequence[str], *, max_len: int = 24) -> list[str]:

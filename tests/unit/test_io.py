@@ -168,8 +168,13 @@ def test_structure_and_weights_disagree(saved):
     entry = manifest["layers"]["encoder.layer.0.attention"]
     entry["config"].update(num_heads=2, num_kv_heads=2, head_dim=16)  # claims a pruned layer
     (saved / "headmods.json").write_text(json.dumps(manifest))
-    with pytest.raises(ValueError, match=r"shape mismatches \['encoder.layer.0.attention.q_proj.weight: "
-                                         r"file \(64, 64\) vs model \(32, 64\)"):
+    with pytest.raises(ValueError, match=r"layers.encoder.layer.0.attention.structure.num_heads must be 2 as "
+                                         r"layers.encoder.layer.0.attention.config says, got 4"):
+        headmods.load(saved)
+    entry["structure"].update(num_heads=2, num_kv_heads=2, head_dim=16)  # structure edited to agree
+    (saved / "headmods.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"disagree on layers.encoder.layer.0.attention.structure.num_heads: "
+                                         r"the manifest says 2, the weights file was saved with 4"):
         headmods.load(saved)
 
 
