@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from headmods.recipes.plots import plot_curves, plot_heatmap, plot_latency, plot_tradeoff, write_atomic
+from headmods.io.atomic import write_atomic
+from headmods.recipes.plots import plot_curves, plot_heatmap, plot_latency, plot_tradeoff
 
 __all__ = ["RunReport", "format_value", "markdown_table"]
 

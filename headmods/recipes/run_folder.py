@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, RunFolderError
-from .plots import write_atomic
+from ..io.atomic import write_atomic
 
 __all__ = ["RECORD_NAME", "IGNORED_SETTINGS", "RunFolder", "claim_run_folder", "read_record", "settings_diff"]
 

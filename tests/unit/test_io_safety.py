@@ -129,6 +129,21 @@ def test_export_never_writes_outside_its_destination(llama_ckpt, tmp_path, name)
     assert not (tmp_path / "p" / "q").exists() or not any((tmp_path / "p" / "q").iterdir())
 
 
+def test_export_command_refuses_a_traversing_name_in_one_line(llama_ckpt, tmp_path, capsys):
+    from headmods.cli import main
+
+    src = shutil.copytree(llama_ckpt, tmp_path / "x" / "y" / "ckpt")
+    victim = tmp_path / "p" / "victim.txt"
+    victim.parent.mkdir()
+    victim.write_text("precious")
+    edit(src, lambda m: m.update(tokenizer_files=["../../victim.txt"]))
+    (tmp_path / "x" / "victim.txt").write_text("attacker")
+    assert main(["export", "--ckpt", str(src), "--out", str(tmp_path / "p" / "q" / "hf")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "tokenizer_files" in err[0] and err[0].startswith("headmods export: error:")
+    assert victim.read_text() == "precious"
+
+
 # -- overwrite ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("with_checkpoint", [False, True], ids=["plain-folder", "checkpoint-plus-notes"])

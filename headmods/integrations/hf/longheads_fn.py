@@ -1,7 +1,7 @@
 """LongHeads as a transformers attention function: no module replaced, ``set_attn_implementation`` only.
 
 LongHeads changes only how ``q, k, v`` become the output, so a LLaMA-family model can run it under
-a registered attention name (mechanism A of ecosystem §2.3.3):
+a registered attention name (transformers' attention-function interface):
 
     >>> use_longheads(model, chunk_size=256, attend_length=2048)   # doctest: +SKIP
 
