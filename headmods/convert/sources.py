@@ -79,15 +79,6 @@ class Source:
         """The manifest's short name, or the path's last component for a local path."""
         return self.manifest["name"] if self.manifest else self.path.name
 
-    @property
-    def weights_path(self) -> Path | None:
-        """The main weights file: the GGUF file itself, or the manifest's ``weights_file``."""
-        if self.format == "gguf":
-            return self.path
-        if self.manifest:
-            return self.path / self.manifest["weights_file"]
-        return None
-
 
 def checkpoints_dir() -> Path:
     """The folder searched for manifests: ``$HEADMODS_CHECKPOINTS``, else the shipped ``checkpoints/``

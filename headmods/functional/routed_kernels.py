@@ -142,7 +142,3 @@ def _halvings(c0: int, c1: int, rects: list, bounds: list[int], q_offset: int, b
     _halvings(c0, mid, rects, bounds, q_offset, block)
     _halvings(mid, c1, rects, bounds, q_offset, block)
 
-
-# --------------------------------------------------------------------------- checks
-
-

@@ -76,9 +76,6 @@ class RecipeTask(L.LightningModule):
         """The validation metrics accumulated by ``validation_step`` calls (then reset)."""
         raise NotImplementedError
 
-    def on_validation_epoch_end(self) -> None:
-        self.log_dict(self.compute_metrics(), prog_bar=True)
-
     @torch.no_grad()
     def evaluate(self, loader: Any) -> dict[str, float]:
         """Run ``validation_step`` over ``loader`` outside a Trainer (eval mode), return the metrics.

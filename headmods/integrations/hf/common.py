@@ -122,11 +122,6 @@ def from_transformers(module: nn.Module) -> bool:
     return type(module).__module__.startswith("transformers.")
 
 
-def module_dtype_device(module: nn.Module) -> tuple[torch.dtype, torch.device]:
-    p = next(module.parameters())
-    return p.dtype, p.device
-
-
 def padded_projections(layer: nn.Module, head_dim: int, host_scale: float) -> Projections:
     """The layer's projections with each head zero-padded to ``head_dim``, for hosts whose head
     size is fixed to ``hidden_size / num_heads`` (BERT, GPT-2).
