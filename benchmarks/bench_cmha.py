@@ -9,8 +9,9 @@ fp32 CPU forward, B=1, D=768, h=12 (d=64), causal. Candidates:
   ``delta``/``beta``: re-phase q and k (O(T d)), RoPE, causal SDPA;
 - "CMHA per-pair, official style": the paper's logit computed per (query, key) pair as the official
   code does, materialising ``cos(delta (theta_q - theta_k) + beta + (m - n) omega) rho_q rho_k`` for
-  chunks of 8 queries against all keys, ``(B, h, 8, T, d/2)`` per chunk (O(T^2 d)). It is ~60x
-  slower, so it runs fewer rounds, against the baseline in a comparison of its own.
+  chunks of 8 queries against all keys, ``(B, h, 8, T, d/2)`` per chunk (O(T^2 d)). It is far
+  slower (its ratio is in ``benchmarks/results/cmha_cpu.md``), so it runs fewer rounds, against the
+  baseline in a comparison of its own.
 
 Both CMHA forms use the layer's 1/sqrt(d) scale here, so their outputs can be compared. The attention
 core alone (polar transform + RoPE + SDPA against RoPE + SDPA on the same projected heads) is timed

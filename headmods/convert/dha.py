@@ -1,6 +1,6 @@
 """Converting MHA/GQA checkpoints to DHA (decoupled-head attention), and the GQA mean-pool baseline.
 
-Spec: ``spec/algorithms.md`` §2(e). The paper's stages are dependence search, in-group fusion and
+Method page: ``docs/methods/dha.md``. The paper's stages are dependence search, in-group fusion and
 continued pre-training; its search and loss details are not public, so the headmods recipe is:
 
 1. :func:`to_dha` swaps every attention layer for a :class:`~headmods.layers.dha.DHAAttention`

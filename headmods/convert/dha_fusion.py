@@ -1,6 +1,6 @@
 """DHA's in-group head fusion: learnable linear combinations of the heads in each planned group.
 
-Spec: ``spec/algorithms.md`` §2(d)-(e). Between planning and collapse, each DHA layer's
+Method page: ``docs/methods/dha.md``. Between planning and collapse, each DHA layer's
 ``k_proj`` / ``v_proj`` is wrapped in a :class:`HeadFusion`: head ``i`` of group ``G`` uses
 
     W~_i = sum_{j in G} w_ij W_j          (biases alike; w initialized to the identity)

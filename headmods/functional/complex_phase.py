@@ -1,6 +1,6 @@
 """ComplexFormer's (CMHA) head-specific complex attention in its separable form.
 
-CMHA (Shao et al., arXiv 2505.10222; spec ``spec/algorithms.md`` §4) reads a head vector of size
+CMHA (Shao et al., arXiv 2505.10222; ``docs/methods/cmha.md``) reads a head vector of size
 ``d`` as ``d/2`` complex numbers, paired the way Hugging Face RoPE pairs dimensions: pair ``j`` is
 ``a_j + i b_j`` with ``a = x[..., :d/2]``, ``b = x[..., d/2:]``. In polar form
 ``rho = sqrt(a^2 + b^2 + eps)`` and ``theta = atan2(b, a)``. Head ``h`` scores query ``m`` against

@@ -9,9 +9,8 @@ query heads in memory. Two paths:
   each key head's scores are one matmul; the probability rows are then regrouped by value head
   (one ``index_select`` of ``(B, h, Tq, C)`` rows) so each value head's output is one matmul.
   The key axis is walked in chunks of ``chunk`` keys (2048 by default) with an online softmax,
-  so the temporaries stay under a MB (``spec/performance.md`` §4: expanding a 8192-token cache
-  costs 2.3-12x MHA's decode step there, the prototype's grouped chunked walk 0.4x; this
-  implementation measured 0.54-0.66x, ``benchmarks/results/dha_cpu.md``).
+  so the temporaries stay under a MB. Expanding K/V to all heads instead is many times slower
+  than MHA's decode step; the figures, for both, are in ``benchmarks/results/dha_cpu.md``.
 - **paired** (prefill and training): every distinct (key head, value head) pair that some query
   head uses becomes one kv head (``index_select`` of at most ``h`` heads, usually fewer), and
   :func:`headmods.functional.attend` runs SDPA (flash, dropout, backward) over it with a
@@ -151,7 +150,7 @@ class _Groups:
         """Keys ``k (B, g, C, d)`` times :meth:`transposed` queries -> scores ``(B, h, R, C)``.
 
         Computed as ``K Q^T`` (keys as the left operand, read row by row straight from the
-        cache), which measured 1.4x faster than ``Q K^T`` on a 8192-token cache.
+        cache), which timed faster than ``Q K^T`` on long caches (``benchmarks/bench_dha.py``).
         """
         B, C = k.size(0), k.size(2)
         if self.uniform:

@@ -1,7 +1,7 @@
 """LongHeads kernels: per-head chunk selection with contiguous re-positioning (training-free long context).
 
 Paper: "LongHeads: Multi-Head Attention is Secretly a Long Context Processor", Lu et al., arXiv
-2402.10685; spec ``spec/algorithms.md`` §6 (from the official code). Inputs are *un-roped* queries
+2402.10685; method page ``docs/methods/longheads.md`` (the algorithm follows the official code). Inputs are *un-roped* queries
 and keys; this module applies RoPE itself, at the positions LongHeads assigns.
 
 - The sequence is cut into chunks of ``w = chunk_size`` tokens. Each complete chunk ``g`` has a
@@ -24,7 +24,7 @@ and keys; this module applies RoPE itself, at the positions LongHeads assigns.
   each chunk the highest probability any of their tokens gives it (:func:`chunk_scores`).
   ``block=1`` is the official per-token selection; ``block=w`` (the default of the layer) is the
   deviation that makes the cost linear in length with one SDPA call per block
-  (``spec/performance.md`` §3). A block's choice uses all its queries, so a token's keys can
+  (timings: ``benchmarks/results/longheads_cpu.md``). A block's choice uses all its queries, so a token's keys can
   depend on the (at most ``block - 1``) tokens after it in its block: block selection is not
   strictly causal inside a block. Decoding, a token at a time, is per-token and causal.
 
@@ -116,8 +116,9 @@ def chunk_scores(q: Tensor, reps: Tensor, bounds: list[tuple[int, int]], h_kv: i
     mean of its query heads' distributions, and a block keeps, per chunk, the largest probability
     any of its tokens gives it. With one-token blocks this ranks chunks exactly as the official
     ``q_t . c_g`` does. (A block's *mean* query, the obvious alternative, dilutes the one token that
-    asks for a distant chunk: on the README's passkey model it found at most 0.15 / 0.00 of the keys
-    at 1024 / 4096 tokens, this rule 0.98 / 0.96.)
+    asks for a distant chunk: on the README's passkey model it almost never found the key past the
+    trained length, and this rule almost always did; the figures are in the README's LongHeads
+    section.)
 
     Args:
         q: ``(B, h, T, d)`` un-roped queries of the selective positions ``bounds[0][0] ..``.
@@ -127,7 +128,7 @@ def chunk_scores(q: Tensor, reps: Tensor, bounds: list[tuple[int, int]], h_kv: i
         query_position: ``None`` scores with the un-roped query, as the official code does (the
             representation's keys carry RoPE at ``0..w-1``, the query none). An int places the query
             at that RoPE position, so the score sees the keys at a distance the model was trained
-            on (a deviation, off by default; ``spec/algorithms.md`` §6 (j) question 2).
+            on (a deviation, off by default; ``docs/methods/longheads.md``).
     """
     B, h, T, d = q.shape
     G = reps.size(2)
@@ -252,14 +253,14 @@ def longheads_attention(q: Tensor, k: Tensor, v: Tensor, reps: Tensor, *, chunk_
     return out
 
 
-_GROUP_BYTES = 4 << 20  # gathered keys + values per SDPA call (2-12 MB measured alike at T=16384)
+_GROUP_BYTES = 4 << 20  # gathered keys + values per SDPA call (a few MB: small enough to stay in cache)
 
 
 def _blocks_no_grad(q: Tensor, k: Tensor, v: Tensor, out: Tensor, chosen: Tensor, bounds: list, q_start: int,
                     w: int, K: int, cos: Tensor, sin: Tensor, scale: float) -> None:
     """The block loop for inference: one SDPA call per query block, every copy into a reused buffer.
 
-    Measured on these CPUs (``spec/performance.md`` §3 and ``benchmarks/bench_longheads.py``):
+    Choices kept because they timed faster on CPU (``benchmarks/bench_longheads.py``):
 
     - keys and values are first copied head-first and padded to whole chunks, so a block gathers
       whole chunks (``w * d`` contiguous values) with one ``index_select``;
@@ -274,9 +275,9 @@ def _blocks_no_grad(q: Tensor, k: Tensor, v: Tensor, out: Tensor, chosen: Tensor
     - keys are rotated in place in the gather buffer, a few key/value heads per call
       (``_GROUP_BYTES``), so a block's working set stays in cache.
 
-    With the first ``attend_length`` tokens done densely, the SDPA calls alone take 0.28-0.33 of causal
-    SDPA at T=16384 (h=12, d=64, chunk 128, attend 2048) on these CPUs: the kernel is slower per
-    query-key pair on 128-query calls than on one long causal call (``spec/performance.md`` §1).
+    The SDPA calls alone set a floor under this loop: the CPU kernel is slower per query-key pair
+    on short (one block of queries) calls than on one long causal call. The measured floor and the
+    layer's ratios against causal SDPA are in ``benchmarks/results/longheads_cpu.md`` and the README.
     """
     B, h, _, d = q.shape
     h_kv, Tk, dv = k.size(1), k.size(2), v.size(-1)

@@ -1,7 +1,7 @@
 """RCMHA kernels: a causal depthwise convolution over the sequence, and learned relative-position logits.
 
 Paper: "RCMHA: Relative Convolutional Multi-Head Attention for Natural Language Modelling",
-Sugiharto, Aradea, Mubarok, arXiv 2308.03429; spec ``spec/algorithms.md`` §5. The layer is
+Sugiharto, Aradea, Mubarok, arXiv 2308.03429; the method page is ``docs/methods/rcmha.md``. The layer is
 :class:`headmods.layers.rcmha.RCMHAttention`; these functions hold its math.
 
 **Causal depthwise convolution** (:func:`causal_depthwise_conv`), on the per-head channels of a
@@ -14,9 +14,9 @@ order ``F.conv1d`` uses with ``K-1`` zeros of left padding). The identity is ``w
 bias 0. Positions before the sequence start are zeros, unless ``prev`` supplies the tokens that
 came before (decoding). The weight is either shared by all heads, ``(d, K)`` with bias ``(d,)``
 (the official RCMHA code: one set of ``d`` kernels), or per head, ``(h, d, K)`` with bias
-``(h, d)`` (Primer's MDHA). It runs as ``K`` shifted multiply-adds in the input's own layout:
-at ``T = 1024, h = 12, d = 64`` that measured 1.3 ms on one core against 7.4 ms for a grouped
-``F.conv1d`` (which needs the channels moved in front of the sequence and back).
+``(h, d)`` (Primer's MDHA). It runs as ``K`` shifted multiply-adds in the input's own layout,
+which on CPU is cheaper than a grouped ``F.conv1d`` (that needs the channels moved in front of the
+sequence and back); the layer's timings are in ``benchmarks/results/rcmha_cpu.md``.
 
 **Relative logits** (:func:`relative_index`, :func:`relative_logits`): for query ``i`` and key
 ``j`` the offset is ``Δ = pos_q(i) - j``, with queries aligned to the *end* of the keys,

@@ -1,9 +1,9 @@
 """The routed-head part of Mixture-of-Head attention, computed only for the selected (token, head) pairs.
 
-MoH (``spec/algorithms.md`` §1) writes attention as a gated sum over heads; a routed head is
+MoH (``docs/methods/moh.md``) writes attention as a gated sum over heads; a routed head is
 switched on per token by a top-K router. The official code computes every head for every token
 and zeroes the unselected ones afterwards, which saves nothing. :func:`routed_attention` does
-work proportional to the selected pairs instead (``spec/performance.md`` §2, "v4"):
+work proportional to the selected pairs instead (timings: ``benchmarks/results/routed_cpu.md``):
 
 1. **Pairs.** The selected ``(token, head)`` pairs (``gate != 0``) are listed in
    (head, batch, position) order, so each head's pairs are one contiguous run and positions
@@ -323,7 +323,7 @@ def _load_runs(head: Tensor, bat: Tensor, grp: Tensor, B: int, h_r: int, n: int,
     """Split the kv groups into runs of similar load; each run is padded to its own largest count.
 
     Padding every (batch, head) to the largest count wastes work when the router is uneven
-    (``spec/performance.md`` §2: +0.06-0.10 on the ratio at a 3:1 skew). Groups sorted by load are
+    (``benchmarks/bench_routed.py`` times skewed routers). Groups sorted by load are
     cut into contiguous runs minimizing ``sum(groups in run * largest load in run)`` plus, for
     every run after the first (its extra calls and copies), ``extra_run`` times the all-padded
     cost and ``extra_rows`` rows per group. A balanced router gives one run.

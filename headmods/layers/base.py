@@ -6,11 +6,11 @@ rotary positions, the cache offset, and head-averaging of returned weights. A va
 one batch-first ``core`` on ``(B, T, D)`` tensors; the HF and timm adapters call the same core,
 so each method's math exists once.
 
-Contract (DESIGN §2): MHA's constructor prefix and forward signature, with two documented
+Contract (``docs/design.md``): MHA's constructor prefix and forward signature, with two documented
 differences: ``key``/``value`` default to ``query`` and ``need_weights`` defaults to False. The
 attributes torch probes (``embed_dim``, ``num_heads``, ``head_dim``, ``batch_first``,
 ``_qkv_same_embed_dim = False``, ``in_proj_bias = None``) exist, so ``nn.TransformerEncoder``
-takes the layer (with ``use_nested_tensor=False``).
+takes the layer (built with ``enable_nested_tensor=False``).
 
 Shapes: B batch, Tq query length, Tk key length (cached + new), D embed_dim, h heads,
 h_kv kv heads, d head_dim.

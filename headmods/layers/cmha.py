@@ -2,7 +2,7 @@
 
 Paper: ComplexFormer (CMHA, "head-specific complex vector attention"), Shao et al., arXiv 2505.10222
 (May 2025). The arXiv listing now says the paper is withdrawn: its claims are unreviewed. Official
-code: shaojintian/complexFormer (``attention/complex_attention.py``). Spec: ``spec/algorithms.md`` §4.
+code: shaojintian/complexFormer (``attention/complex_attention.py``). Method page: ``docs/methods/cmha.md``.
 
 Each head reads its query and key vectors as ``d/2`` complex numbers (pair ``j`` is dimensions
 ``j`` and ``j + d/2``, the pairing of Hugging Face RoPE), in polar form ``rho``, ``theta``. The
@@ -38,7 +38,8 @@ Differences from the official code, on purpose:
   ``delta ~ N(0, std=1/sqrt(d/2))``, ``beta = 0`` is ``phase_init="paper"``. It shrinks and flips
   phase differences at random, so it suits training from scratch, not conversion;
 - the logit is computed in the separable form above, not as the official ``(B, h, 8, T, d/2)``
-  cosine tensor per chunk of 8 queries (the same function, about 60x faster on CPU);
+  cosine tensor per chunk of 8 queries (the same function, far faster on CPU:
+  ``benchmarks/results/cmha_cpu.md``);
 - an exactly zero pair gets phase 0 (as ``atan2(0, 0)``) and a finite gradient
   (:func:`~headmods.functional.complex_phase.polar_pairs`), where plain ``atan2`` gives NaN.
 

@@ -1,7 +1,7 @@
 """DHA: decoupled-head attention, with key and value heads grouped independently per layer.
 
 Paper: "Learning Decoupled-Head Attention from Transformer Checkpoints via Adaptive Heads
-Fusion", Chen et al., arXiv 2406.06567 (NeurIPS 2024). Spec: ``spec/algorithms.md`` §2. No
+Fusion", Chen et al., arXiv 2406.06567 (NeurIPS 2024). Method page: ``docs/methods/dha.md``. No
 official code exists; the conversion that finds the groups lives in :mod:`headmods.convert.dha`.
 
 Every query head stays. Keys have ``n_k`` heads and values ``n_v`` heads, and query head ``i``

@@ -2,7 +2,7 @@
 
 Paper: "LongHeads: Multi-Head Attention is Secretly a Long Context Processor", Lu et al., arXiv
 2402.10685; official code LuLuLuyi/LongHeads (LLaMA only, batch 1, a per-token Python loop).
-Spec: ``spec/algorithms.md`` §6. The kernels and the algorithm are described in
+Method page: ``docs/methods/longheads.md``. The kernels and the algorithm are described in
 :mod:`headmods.functional.longheads`; this layer adds the projections, the KV cache and the
 per-sequence state (chunk representations, computed once per completed chunk).
 

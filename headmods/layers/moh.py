@@ -1,7 +1,7 @@
 """MoH: Mixture-of-Head attention that really computes fewer heads.
 
 Paper: "MoH: Multi-Head Attention as Mixture-of-Head Attention", Jin, Zhu, Yuan, Yan,
-arXiv 2410.11842 (ICML 2025). Spec: ``spec/algorithms.md`` §1.
+arXiv 2410.11842 (ICML 2025). Method page: ``docs/methods/moh.md``.
 
 MHA is a sum of per-head terms ``sum_i H_i W_O^i``. MoH makes it a weighted, sparse sum: the
 first ``shared_heads`` heads are always on, each token picks ``active_routed`` (K) of the other

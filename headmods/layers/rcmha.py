@@ -2,7 +2,7 @@
 
 Paper: "RCMHA: Relative Convolutional Multi-Head Attention for Natural Language Modelling",
 Sugiharto, Aradea, Mubarok, arXiv 2308.03429 (2023); official code hermansh-id/rcmha (at 87df49b),
-built on labml's Transformer-XL. Spec: ``spec/algorithms.md`` §5. Kernels:
+built on labml's Transformer-XL. Method page: ``docs/methods/rcmha.md``. Kernels:
 :mod:`headmods.functional.relative`.
 
 Two changes to MHA. A depthwise *causal* convolution over the sequence mixes each head channel
@@ -24,14 +24,12 @@ table (:func:`~headmods.functional.relative.skew`), and a causal block attends o
 up to its last query, so the relative matmul and SDPA cover 62.5 % of the ``T²`` pairs with 4
 blocks instead of all of them (SDPA cannot use its causal kernel together with a bias). One query
 (decoding) gathers its term from ``q · Rᵀ`` (:func:`~headmods.functional.relative.relative_logits`).
-Measured (``benchmarks/bench_rcmha.py``: fp32 CPU, B=1, T=1024, D=768, h=12, P=1024, causal
-forward, 2 threads, median of 9 alternating rounds): RCMHA 1.356x and RMHA 1.400x the time of
-SDPA MHA, against 3.09x and 3.02x with one gathered ``(B, h, T, T)`` bias; peak memory of the
-forward 41 MB (MHA 17 MB, the labml-style Transformer-XL reference 255 MB).
+Blocks with skewed views timed much faster than one gathered ``(B, h, T, T)`` bias; the layer's
+time and memory against SDPA MHA are in ``benchmarks/results/rcmha_cpu.md`` (``benchmarks/bench_rcmha.py``).
 The switches give the paper's ablations: ``conv`` only is MDHA, ``relative`` only is RMHA, both
 is RCMHA, neither is MHA.
 
-Official code facts and red flags (spec §5 (j)):
+Official code facts and red flags (also in ``docs/methods/rcmha.md``):
 
 - The released ``main.py`` builds its model with ``labml_nn.transformers.xl``'s stock
   ``RelativeMultiHeadAttention`` (no convolution), not the repository's RCMHA class: running the

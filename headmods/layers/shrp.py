@@ -2,7 +2,7 @@
 
 Paper: "Specialized Head Routing and Pruning for Efficient Encoder Compression" (SHRP), Su,
 Zhang, Zhang, Liu, Xu, Zhang, arXiv 2512.20635. Only the abstract is public and there is no
-official code, so this is "SHRP-style, as implemented here" (design in ``spec/algorithms.md`` §3,
+official code, so this is "SHRP-style, as implemented here" (``docs/methods/shrp.md``; the
 decisions below are ours).
 
 Each head is an expert. A router sends every token to one head (top-1); the layer outputs that

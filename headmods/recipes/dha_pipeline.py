@@ -1,6 +1,6 @@
 """The ``dha`` recipe: MHA/GQA checkpoint -> DHA at a K/V budget, against GQA mean-pool at equal tokens.
 
-Stages (``spec/algorithms.md`` §2(e); :mod:`headmods.convert.dha` for the method):
+Stages (``docs/methods/dha.md``; :mod:`headmods.convert.dha` for the method):
 
 1. the source: a checkpoint, or with ``model.scratch`` an MHA LM trained here first
    (``dha.pretrain_steps``); its held-out loss is the reference;

@@ -1,4 +1,4 @@
-"""Run reports (DESIGN §5): one markdown file, a ``metrics.json`` and PNG plots in a folder.
+"""Run reports (``docs/design.md``, "Recipes"): one markdown file, a ``metrics.json`` and PNG plots in a folder.
 
 A recipe fills a :class:`RunReport` as it goes (metrics by dotted path, curve points, sections
 of markdown) and calls :meth:`RunReport.write` at the end. Every file is written atomically;

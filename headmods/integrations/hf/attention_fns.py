@@ -1,4 +1,4 @@
-"""Kernel-only variants as transformers attention functions (mechanism A of ecosystem §2.3.3).
+"""Kernel-only variants as transformers attention functions (the way in that replaces no module).
 
 A variant that changes only ``q, k, v -> out`` (chunk routing, score biases) can run inside any
 transformers model without replacing modules: register a function under a name, then
