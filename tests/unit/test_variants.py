@@ -222,6 +222,9 @@ def test_backward_reaches_every_parameter(name):
         assert p.grad is not None, f"{name}: {n} got no gradient"
         assert torch.isfinite(p.grad).all(), f"{name}: {n} has a non-finite gradient"
         assert p.grad.abs().sum() > 0, f"{name}: {n} got an all-zero gradient"
+    # dropout is 0: the training path (dense for routed heads) computes what eval computes
+    with torch.no_grad():
+        torch.testing.assert_close(layer.eval()(x, is_causal=True)[0], out.detach(), atol=1e-9, rtol=1e-9)
 
 
 # -- masks ---------------------------------------------------------------------------------------
@@ -243,6 +246,12 @@ def test_key_padding_equals_the_unpadded_sequence(name):
     torch.testing.assert_close(out[1, :5], alone[0], atol=1e-9, rtol=1e-9)
     torch.testing.assert_close(out[0], full[0], atol=1e-9, rtol=1e-9)
     torch.testing.assert_close(float_pad, out, atol=1e-9, rtol=1e-9)
+    with torch.no_grad():  # unbatched: a (S,) mask
+        torch.testing.assert_close(layer(x[1], key_padding_mask=pad[1])[0][:5], alone[0], atol=1e-9, rtol=1e-9)
+        if TRAITS[name].weights:
+            out_w, weights = layer(x, key_padding_mask=pad, need_weights=True, average_attn_weights=False)
+            torch.testing.assert_close(out_w, out, atol=1e-9, rtol=1e-9)
+            assert (weights[1, ..., 5:] == 0).all() and (weights[0, ..., 5:] > 0).all()
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -377,8 +386,15 @@ def test_prune_heads_equals_zeroed_heads(name):
         assert 0 < int(kept.sum()) < kept.numel()  # both kinds of token occur
         got, want = got[kept], want[kept]
     torch.testing.assert_close(got, want, atol=1e-9, rtol=1e-9)
-    # pruned again from its config alone, it is the same layer (what checkpoints rely on)
-    torch.testing.assert_close(_twin(layer)(x, is_causal=True)[0], layer(x, is_causal=True)[0], atol=0, rtol=0)
+    with torch.no_grad():
+        # rebuilt from its config alone, it is the same layer (what checkpoints rely on)
+        torch.testing.assert_close(_twin(layer)(x, is_causal=True)[0], got_all := layer(x, is_causal=True)[0],
+                                   atol=0, rtol=0)
+        # and it decodes with a cache (uneven groups: kv_map) as it computes the whole sequence
+        cache = KVCache()
+        parts = [layer(x[:, :12], is_causal=True, cache=cache)[0]]
+        parts += [layer(x[:, t:t + 1], is_causal=True, cache=cache)[0] for t in range(12, 20)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), got_all, atol=1e-9, rtol=1e-9)
 
 
 def test_longheads_refuses_a_partial_kv_group_and_changes_nothing():
