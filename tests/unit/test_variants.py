@@ -16,7 +16,6 @@ which compare float32 layers to ``nn.MultiheadAttention`` at 1e-5.
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field
 
 import pytest
@@ -67,13 +66,14 @@ class Traits:
 TRAITS = {
     "mha": Traits(),
     "dha": Traits(),  # from_mha with the defaults: every head its own key and value group
-    "moh": Traits(prune_ref="routed", from_mha={"active_routed": 2, "router_init": "zero"}),  # K = h - h_s, zero routers
+    # K = h - h_s active heads with zero routers is exactly MHA
+    "moh": Traits(prune_ref="routed", from_mha={"active_routed": 2, "router_init": "zero"}),
     "shrp": Traits(kv_heads=4, prune_ref="routed", start="one_head"),
     "cmha": Traits(start="rope", from_mha={"rope_theta": THETA}),  # delta = 1, beta = 0
     "rcmha": Traits(),  # conv_init="identity", u = R = b = 0
     # within its budget (T <= attend_length) LongHeads is full causal RoPE attention; prune whole kv groups
     "longheads": Traits(weights=False, masks=False, causal_only=True, keep=(2, 3), start="rope",
-                        from_mha={k: v for k, v in SETTINGS["longheads"].items()}),
+                        from_mha=dict(SETTINGS["longheads"])),
 }
 
 
@@ -195,6 +195,21 @@ def test_need_weights(name, batch_first):
     future = torch.ones(T, T, dtype=torch.bool).triu(1)
     assert (per_head[..., future] == 0).all()
     torch.testing.assert_close(unbatched_h, per_head[0], atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_eager_kernel_equals_the_default(name):
+    """``impl="eager"`` (the explicit softmax path) computes what ``impl="auto"`` (SDPA) does."""
+    layer = _layer(name)
+    eager = _twin(layer, impl="eager")
+    x = _x(2, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(eager(x, is_causal=True)[0], layer(x, is_causal=True)[0], atol=1e-9, rtol=1e-9)
+        if TRAITS[name].masks:
+            pad = torch.zeros(2, 20, dtype=torch.bool)
+            pad[1, 15:] = True
+            torch.testing.assert_close(eager(x, key_padding_mask=pad)[0], layer(x, key_padding_mask=pad)[0],
+                                       atol=1e-9, rtol=1e-9)
 
 
 # -- backward --------------------------------------------------------------------------------------
