@@ -183,8 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true")
     export.set_defaults(func=_export)
 
-    demo = sub.add_parser("demo", help="the main job: MiniLM + BBC News: fine-tune, prune half the heads, "
-                          "recover, evaluate, report", description=f"The main job. {RUN_FOLDER_HELP}")
+    demo = sub.add_parser("demo", help="the main job: MiniLM + BBC News: fine-tune MHA and SHRP-style "
+                          "attention, prune SHRP heads by usage, recover, report", description=f"The main job. {RUN_FOLDER_HELP}")
     demo.add_argument("--out", help="output folder (default from the demo recipe)")
     _run_flags(demo)
     demo.set_defaults(func=_demo)

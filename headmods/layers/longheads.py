@@ -76,6 +76,9 @@ class LongHeadsConfig(AttentionConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.dropout:
+            raise ValueError(f"LongHeads applies no attention dropout (it is a training-free inference method); "
+                             f"got dropout={self.dropout!r}: use dropout=0.0")
         if self.rope_theta is None:
             raise ValueError("LongHeads re-positions keys with rotary embeddings; this layer has none "
                              "(rope_theta=None). It needs a RoPE model (LLaMA family), not BERT/GPT-2-style positions")

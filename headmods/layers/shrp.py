@@ -184,9 +184,13 @@ class SHRPAttention(MultiHeadAttention):
         return out, weights
 
     def _sparse(self, query: Tensor, mask: AttentionMask, need_weights: bool) -> bool:
-        """Only the chosen (token, head) pairs when no gradient is needed (and the mask is per key)."""
-        if need_weights or self.config.impl not in ("auto", "sdpa") or torch.is_grad_enabled():
+        """Only the chosen (token, head) pairs when no gradient is needed, no attention dropout applies
+        and the mask is per key."""
+        c = self.config
+        if need_weights or c.impl not in ("auto", "sdpa") or torch.is_grad_enabled():
             return False
+        if self.training and c.dropout > 0:
+            return False  # the dense path applies dropout, as a training forward with gradients does
         return mask.bias is None or mask.bias.size(-2) == 1
 
     def _sparse_forward(self, query: Tensor, key: Tensor, value: Tensor, mask: AttentionMask,

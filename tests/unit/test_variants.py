@@ -243,23 +243,13 @@ def test_backward_reaches_every_parameter(name):
 
 
 # -- dropout ---------------------------------------------------------------------------------------
-DROPOUT_BUGS = {
-    ("longheads", "grad"): "BUG: LongHeadsAttention accepts dropout>0 (AttentionConfig: 'dropout on attention "
-                           "probabilities (training only)') but never applies it: longheads_core has no dropout, "
-                           "so a training forward equals dropout=0 instead of applying or refusing it",
-    ("longheads", "no_grad"): "BUG: LongHeadsAttention ignores config.dropout in training (see the grad case)",
-    ("shrp", "no_grad"): "BUG: SHRPAttention._sparse picks the sparse path whenever grad is disabled, even in "
-                         "training with dropout>0 (MoHAttention._sparse excludes that case), so a training-mode "
-                         "forward under torch.no_grad silently skips attention dropout",
-}
+NO_DROPOUT = {"longheads"}  # refuses dropout > 0 at construction (a training-free inference method)
 
 
 def _dropout_params():
     for name in VARIANTS:
         for mode in ("grad", "no_grad"):
-            reason = DROPOUT_BUGS.get((name, mode))
-            marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
-            yield pytest.param(name, mode, marks=marks, id=f"{name}-{mode}")
+            yield pytest.param(name, mode, id=f"{name}-{mode}")
 
 
 @pytest.mark.parametrize("name, mode", list(_dropout_params()))
@@ -267,6 +257,10 @@ def test_dropout_applies_in_training_only(name, mode):
     """``dropout`` (AttentionConfig: on attention probabilities, training only) is a no-op in eval and
     changes a training forward, with or without autograd."""
     layer = _layer(name)
+    if name in NO_DROPOUT:
+        with pytest.raises(ValueError, match=r"applies no attention dropout .*got dropout=0.5"):
+            _twin(layer, dropout=0.5)
+        return
     dropped = _twin(layer, dropout=0.5)
     x = _x(2, 12)
     with torch.no_grad():
