@@ -24,10 +24,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ...cache import layer_state
 from ...functional.rope import apply_rope, rope_cos_sin
 from ...layers.longheads import LongHeadsConfig, LongHeadsState, _host_rope_theta, check_mask, longheads_core
 from .attention_fns import register_attention
-from .common import cache_states, hf_mask, pick_cache
+from .common import HFCacheView, hf_mask, pick_cache
 
 __all__ = ["NAME", "longheads_hf_attention", "use_longheads"]
 
@@ -49,7 +50,8 @@ def longheads_hf_attention(module: nn.Module, query: Tensor, key: Tensor, value:
     k = apply_rope(key, cos, -sin)
     ref = module.__dict__.get("_headmods_cache")
     cache = None if ref is None else ref()
-    state = LongHeadsState() if cache is None else cache_states(cache).setdefault(module, LongHeadsState())
+    state = LongHeadsState() if cache is None else layer_state(HFCacheView(cache, module.layer_idx), module,
+                                                                  LongHeadsState)
     if scaling is not None and abs(scaling - d ** -0.5) > 1e-12 * scaling:
         config = config.replace(scale=scaling)
     out = longheads_core(q, k, value, past, state, config)
